@@ -1,0 +1,212 @@
+"""LightningDataModule for masked-omics pre-training and its downstream relatives."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data_modules.cohort_data import CohortData, prepare_cohort
+from data_modules.datasets import PatientBags, collate_bags
+from data_modules.feature_store import PatchFeatureStore
+from data_modules.omics import OmicsModality
+
+log = logging.getLogger(__name__)
+
+
+class MorpheusDataModule(pl.LightningDataModule):
+    """Patients with a slide bag and any subset of omics, split at patient level.
+
+    Training draws ``n_patches`` patches per patient (one contiguous read per slide);
+    validation, test and prediction serve whole bags, padded with a patch mask.
+
+    Args:
+        cohort: Cohort table (CSV, TSV or parquet), one row per slide or per patient.
+        patch_store: Patch-feature store (``.zarr``).
+        modalities: Modality name to its AnnData file and token grouping.
+        patient_column: Cohort column of patient ids.
+        slide_column: Cohort column of slide ids; None takes each patient's slides
+            from the store's ``patient_id`` attributes.
+        split_column: Cohort column with ``train``, ``val`` or ``test`` per patient;
+            None splits patients at random with ``val_fraction`` and ``test_fraction``.
+        val_fraction: Fraction of patients for validation when splitting at random.
+        test_fraction: Fraction of patients for test when splitting at random.
+        split_seed: Seed of the random split.
+        normalize_ids: Reduce TCGA sample and slide barcodes to patient ids.
+        scale: Centre and scale each omics feature with training-split statistics.
+        patch_dim: Expected patch-feature dimension; None accepts the store's.
+        n_patches: Patches drawn per patient per training step.
+        max_eval_patches: Cap on patches per slide at evaluation; None serves all.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for validation, test and prediction; None uses
+            ``batch_size``.
+        num_workers: DataLoader worker processes.
+        multiprocessing_context: Start method of the workers. ``fork`` can deadlock
+            with zarr's I/O thread; None picks ``forkserver`` where available, else
+            ``spawn``.
+        pin_memory: Pin host memory for faster GPU copies; None pins when CUDA is
+            available.
+        missing_slides: What to do with cohort slides or patients missing from the
+            store: raise (``error``) or leave them out with a warning (``drop``).
+    """
+
+    def __init__(
+        self,
+        cohort: str,
+        patch_store: str,
+        modalities: dict[str, OmicsModality] | None = None,
+        patient_column: str = "patient_id",
+        slide_column: str | None = "slide_id",
+        split_column: str | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.0,
+        split_seed: int = 1999,
+        normalize_ids: bool = True,
+        scale: bool = True,
+        patch_dim: int | None = None,
+        n_patches: int = 1024,
+        max_eval_patches: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        multiprocessing_context: Literal["fork", "forkserver", "spawn"] | None = None,
+        pin_memory: bool | None = None,
+        missing_slides: Literal["error", "drop"] = "error",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["modalities"])
+        self.cohort = cohort
+        self.patch_store = patch_store
+        self.modalities = dict(modalities or {})
+        self.patient_column = patient_column
+        self.slide_column = slide_column
+        self.split_column = split_column
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.normalize_ids = normalize_ids
+        self.scale = scale
+        self.patch_dim = patch_dim
+        self.n_patches = n_patches
+        self.max_eval_patches = max_eval_patches
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.multiprocessing_context = multiprocessing_context
+        self.pin_memory = pin_memory
+        self.missing_slides = missing_slides
+        self._data: CohortData | None = None
+        self._store: PatchFeatureStore | None = None
+
+    @property
+    def store(self) -> PatchFeatureStore:
+        """The patch-feature store, opened read-only."""
+        if self._store is None:
+            self._store = PatchFeatureStore(self.patch_store, mode="r")
+        return self._store
+
+    @property
+    def data(self) -> CohortData:
+        """The prepared cohort, built on first use and cached."""
+        if self._data is None:
+            self._data = prepare_cohort(
+                self.cohort,
+                self.store,
+                self.modalities,
+                patient_column=self.patient_column,
+                slide_column=self.slide_column,
+                split_column=self.split_column,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                split_seed=self.split_seed,
+                normalize_ids=self.normalize_ids,
+                scale=self.scale,
+                missing_slides=self.missing_slides,
+                expected_feature_dim=self.patch_dim,
+            )
+        return self._data
+
+    @property
+    def feature_dim(self) -> int:
+        """Patch-feature dimension ``D`` of the store."""
+        return self.data.feature_dim
+
+    @property
+    def modality_specs(self) -> dict[str, dict[str, Any]]:
+        """Per modality: feature ids, group names and members, training means."""
+        train = self.data.indices("train")
+        return {name: m.spec(train) for name, m in self.data.modalities.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Prepare the cohort (reads tables and omics, lists the store)."""
+        _ = self.data
+
+    def dataset(self, split: str, train_sampling: bool | None = None) -> PatientBags:
+        """Dataset of one split; ``train_sampling`` draws ``n_patches`` per patient."""
+        index = self.data.indices(split)
+        sampling = split == "train" if train_sampling is None else train_sampling
+        return PatientBags(
+            store=self.store,
+            patients=[self.data.patients[i] for i in index],
+            slides=[self.data.slides[i] for i in index],
+            omics={m: d.values[index] for m, d in self.data.modalities.items()},
+            present={m: d.present[index] for m, d in self.data.modalities.items()},
+            n_patches=self.n_patches if sampling else None,
+            max_patches=self.max_eval_patches,
+            extra=self.extra_tensors(index),
+        )
+
+    def extra_tensors(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-patient tensors added to each item (labels); none for pre-training."""
+        return {}
+
+    def _loader(self, dataset: PatientBags, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.num_workers
+        context = None
+        if workers > 0:
+            method = self.multiprocessing_context
+            if method is None:
+                available = multiprocessing.get_all_start_methods()
+                method = "forkserver" if "forkserver" in available else "spawn"
+            context = multiprocessing.get_context(method)
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=collate_bags,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            multiprocessing_context=context,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        split = "test" if len(self.data.indices("test")) else "val"
+        if split == "val":
+            log.warning("the test split is empty; testing on the validation split")
+        return self._loader(self.dataset(split), self.eval_batch_size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Splits and scaling statistics, saved in checkpoints for later reuse."""
+        if self._data is None:
+            return {}
+        return {
+            "split": dict(zip(self.data.patients, self.data.split)),
+            "scaling": {
+                name: {"mean": m.scaling.mean.tolist(), "scale": m.scaling.scale.tolist()}
+                for name, m in self.data.modalities.items()
+                if m.scaling is not None
+            },
+        }

@@ -1,0 +1,222 @@
+"""Masked-omics pre-training as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+
+from morpheus_pl import batch as keys
+from morpheus_pl.metrics import FeaturePearson
+from morpheus_pl.nn import Morpheus, ReconstructionOutput, masked_group_l1
+from morpheus_pl.optim import adamw_param_groups, warmup_cosine
+
+EVAL_STAGES = ("val", "test")
+
+
+def check_modalities(modalities: dict[str, dict[str, Any]]) -> None:
+    """Check the modality specifications that the DataModule links into the model."""
+    if not modalities:
+        raise ValueError(
+            "the model needs at least one omics modality; list them under data.modalities"
+        )
+    for name, spec in modalities.items():
+        if not name.isidentifier():
+            raise ValueError(f"modality name {name!r} must be a Python identifier (e.g. 'rna')")
+        for key in ("features", "groups"):
+            if key not in spec:
+                raise ValueError(f"modality {name!r} has no {key!r} entry")
+
+
+class MaskedOmicsPretraining(pl.LightningModule):
+    """Pre-train MORPHEUS by reconstructing masked omics tokens from the slide and the rest.
+
+    ``patch_dim`` and ``modalities`` come from the DataModule through argument links
+    and are saved in the checkpoint, so ``load_from_checkpoint`` needs no data.
+
+    Args:
+        patch_dim: Patch-feature dimension ``D`` (linked from the data).
+        modalities: Per modality, ``features`` (ids), ``groups`` (member indices),
+            ``group_names`` and ``train_mean`` (per-feature training means, for the
+            mean-prediction baseline); linked from the data.
+        width: Token width of tokenizers and encoder.
+        num_prototypes: Slide tokens per slide.
+        depth: Encoder blocks.
+        heads: Encoder attention heads.
+        mlp_dim: Hidden width of the encoder MLPs.
+        dropout: Dropout in encoder and decoders (AlphaDropout in the omics tokenizers).
+        decoder_width: Decoder token width.
+        decoder_depth: Blocks per decoder.
+        decoder_heads: Decoder attention heads.
+        decoder_mlp_dim: Hidden width of the decoder MLPs.
+        modality_embeddings: Learned embedding per token type; off as in the reference.
+        group_embeddings: Learned embedding per omics token in the encoder input.
+        mask_ratio: Fraction of each patient's omics tokens masked per step.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        warmup_epochs: Epochs of linear warm-up before the cosine decay.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        eval_mask_seed: Seed of the masks drawn at validation and test, fixed so that
+            epochs are scored on the same masks.
+    """
+
+    def __init__(
+        self,
+        patch_dim: int,
+        modalities: dict[str, dict[str, Any]],
+        width: int = 256,
+        num_prototypes: int = 16,
+        depth: int = 1,
+        heads: int = 8,
+        mlp_dim: int = 256,
+        dropout: float = 0.15,
+        decoder_width: int = 256,
+        decoder_depth: int = 1,
+        decoder_heads: int = 8,
+        decoder_mlp_dim: int = 256,
+        modality_embeddings: bool = False,
+        group_embeddings: bool = False,
+        mask_ratio: float = 0.75,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-3,
+        warmup_epochs: float = 10.0,
+        min_lr_ratio: float = 0.0,
+        eval_mask_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_modalities(modalities)
+        # The feature lists can be long: keep them in the checkpoint, not in the logger.
+        self.save_hyperparameters(logger=False)
+        self.modality_names = list(modalities)
+        self.model = Morpheus(
+            patch_dim,
+            groups={m: s["groups"] for m, s in modalities.items()},
+            n_features={m: len(s["features"]) for m, s in modalities.items()},
+            width=width,
+            num_prototypes=num_prototypes,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+            decoder_width=decoder_width,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            decoder_mlp_dim=decoder_mlp_dim,
+            modality_embeddings=modality_embeddings,
+            group_embeddings=group_embeddings,
+        )
+        for m, spec in modalities.items():
+            mean = spec.get("train_mean") or [0.0] * len(spec["features"])
+            self.register_buffer(f"train_mean_{m}", torch.tensor(mean, dtype=torch.float32))
+
+        self.eval_metrics = nn.ModuleDict()
+        for stage in EVAL_STAGES:
+            per_stage = nn.ModuleDict()
+            for m, spec in modalities.items():
+                per_stage[f"loss_{m}"] = MeanMetric()
+                per_stage[f"baseline_loss_{m}"] = MeanMetric()
+                per_stage[f"pearson_{m}"] = FeaturePearson(len(spec["features"]))
+            self.eval_metrics[stage] = per_stage
+
+    def on_fit_start(self) -> None:
+        n_params = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        groups = ", ".join(f"{m}: {c} tokens" for m, c in zip(self.modality_names, self.model.group_counts))
+        rank_zero_info(f"MORPHEUS: {n_params:,} trainable parameters; {groups}")
+        if self.logger is not None:
+            scalar = {k: v for k, v in self.hparams.items() if isinstance(v, (int, float, bool, str))}
+            scalar.update({f"n_features_{m}": len(self.hparams.modalities[m]["features"]) for m in self.modality_names})
+            self.logger.log_hyperparams(scalar)
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> ReconstructionOutput:
+        """Run one masked-reconstruction pass on a batch."""
+        return self.model.forward_pretrain(
+            batch[keys.PATCHES],
+            batch.get(keys.PATCH_MASK),
+            batch[keys.OMICS],
+            batch[keys.OMICS_PRESENT],
+            self.hparams.mask_ratio,
+            generator,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        size = batch[keys.PATCHES].shape[0]
+        self.log("train/loss", out.loss, batch_size=size, on_step=True, on_epoch=True, prog_bar=True)
+        for m, loss in out.losses.items():
+            self.log(f"train/loss_{m}", loss, batch_size=size, on_step=False, on_epoch=True)
+        return out.loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        device = batch[keys.PATCHES].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.hparams.eval_mask_seed * 1_000_003 + batch_idx)
+        out = self(batch, generator)
+
+        metrics = self.eval_metrics[stage]
+        for m in self.modality_names:
+            index = self.model.tokenizers[m].index
+            baseline = index(getattr(self, f"train_mean_{m}")[None].expand(out.targets[m].shape[0], -1))
+            base_loss, _ = masked_group_l1(baseline, out.targets[m], index.valid, out.scored[m])
+            weight = out.n_scored[m].to(torch.float32)
+            metrics[f"loss_{m}"].update(out.losses[m].detach(), weight)
+            metrics[f"baseline_loss_{m}"].update(base_loss, weight)
+            metrics[f"pearson_{m}"].update(
+                out.predictions[m], out.targets[m], index.index, index.valid, out.scored[m]
+            )
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.eval_metrics[stage]
+        total = 0.0
+        values: dict[str, float] = {}
+        for m in self.modality_names:
+            loss = metrics[f"loss_{m}"].compute()
+            total = total + loss
+            values[f"{stage}/loss_{m}"] = loss
+            values[f"{stage}/baseline_loss_{m}"] = metrics[f"baseline_loss_{m}"].compute()
+            values[f"{stage}/pearson_{m}"] = metrics[f"pearson_{m}"].compute().float()
+            self._log_pearson_histogram(stage, m, metrics[f"pearson_{m}"].per_feature())
+        values[f"{stage}/loss"] = total
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == f"{stage}/loss")
+        for metric in metrics.values():
+            metric.reset()
+
+    def _log_pearson_histogram(self, stage: str, modality: str, r: torch.Tensor) -> None:
+        r = r[~torch.isnan(r)]
+        if self.trainer.sanity_checking or r.numel() == 0 or not isinstance(self.logger, TensorBoardLogger):
+            return
+        if self.trainer.is_global_zero:
+            self.logger.experiment.add_histogram(
+                f"{stage}/pearson_per_feature_{modality}", r.cpu(), self.current_epoch
+            )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.AdamW(
+            adamw_param_groups(self, self.hparams.weight_decay), lr=self.hparams.lr
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = math.ceil(self.hparams.warmup_epochs * total / epochs)
+        scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
