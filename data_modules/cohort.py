@@ -56,7 +56,7 @@ class Cohort:
         slides: Patient id to its slide ids (empty when the table names none).
         split: Patient id to its split name, or None when the table has no split.
         table: One row per patient (index: patient id) with the other columns of the
-            table; a column that differs between a patient's rows keeps the first value.
+            table. Where a patient's rows differ, the first row's value is kept.
         source: Path of the table.
     """
 

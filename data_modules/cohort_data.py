@@ -239,7 +239,7 @@ def prepare_cohort(
     """Read and check the cohort table, the store and every omics modality."""
     if expected_feature_dim is not None and expected_feature_dim != store.feature_dim:
         raise InputError(
-            f"the store {store.path} holds {store.feature_dim}-d patch features (encoder "
+            f"the store {store.path} contains {store.feature_dim}-d patch features (encoder "
             f"{store.encoder!r}) but patch_dim is {expected_feature_dim}; use a store made with "
             "the expected encoder or change patch_dim"
         )

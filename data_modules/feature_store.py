@@ -11,8 +11,8 @@ Layout::
             coords                 (N, 2) int64, level-0 pixel (x, y) of each patch
 
 Rows are written in a random permutation fixed at write time (its seed is stored),
-with ``coords`` permuted alike, so any contiguous window of ``k`` rows is a uniform
-random subset of the slide: sampling ``k`` patches is one contiguous read.
+with ``coords`` permuted alike. Any contiguous window of ``k`` rows is therefore a
+uniform random subset of the slide, and sampling ``k`` patches is one contiguous read.
 
 A slide's ``complete`` attribute is set only after both arrays are written. Readers
 ignore incomplete slides and writers overwrite them, so an interrupted write never
@@ -169,7 +169,7 @@ class PatchFeatureStore:
         return self.root[f"slides/{slide_id}"].attrs.asdict()
 
     def is_complete(self, slide_id: str) -> bool:
-        """Whether ``slide_id`` exists and was completely written."""
+        """Return whether ``slide_id`` exists and was completely written."""
         try:
             group = self.root[f"slides/{slide_id}"]
         except KeyError:
@@ -231,7 +231,7 @@ class PatchFeatureStore:
         if features.shape[1] != self.feature_dim:
             raise InputError(
                 f"{where} has feature dimension {features.shape[1]} but the store {self.path} "
-                f"holds {self.feature_dim}-d features (encoder {self.encoder!r}); write it to a "
+                f"contains {self.feature_dim}-d features (encoder {self.encoder!r}); write it to a "
                 "store made for its encoder"
             )
         if not np.isfinite(features).all():

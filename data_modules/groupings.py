@@ -327,8 +327,8 @@ class CorrelationClusters(TokenGrouping):
     """Clusters of correlated features, fitted on the training split only.
 
     Each feature is standardised over the training patients (missing values set to
-    the mean), so the squared Euclidean distance between two features is
-    ``2 * n * (1 - r)`` with ``r`` their Pearson correlation; k-means then groups
+    the mean). The squared Euclidean distance between two features is then
+    ``2 * n * (1 - r)`` with ``r`` their Pearson correlation, so k-means groups
     correlated features.
 
     Args:

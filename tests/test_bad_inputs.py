@@ -51,7 +51,7 @@ def test_slide_with_zero_patches_in_store(own_cohort):
 
 
 def test_patch_dim_differs_from_store(tiny_cohort):
-    with pytest.raises(InputError, match="holds 16-d patch features .* but patch_dim is 1536"):
+    with pytest.raises(InputError, match="contains 16-d patch features .* but patch_dim is 1536"):
         datamodule(tiny_cohort, patch_dim=1536).setup()
 
 

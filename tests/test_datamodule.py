@@ -37,7 +37,8 @@ def test_specs_and_splits(tiny_cohort):
     assert specs["rna"]["features"] == [f"RNA{i}" for i in range(36)]
     assert len(specs["dnam"]["groups"]) == 5
     train, val = dm.data.indices("train"), dm.data.indices("val")
-    assert len(train) == 30 and len(val) == 10
+    assert len(train) == 30
+    assert len(val) == 10
     assert set(train).isdisjoint(val)
 
 

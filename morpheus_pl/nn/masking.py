@@ -27,10 +27,10 @@ def split_budget(
 ) -> torch.Tensor:
     """Split each sample's visible-token budget across the modalities it has.
 
-    The budget ``floor(T * (1 - mask_ratio))``, with ``T`` the number of omics tokens
-    of the modalities present, is divided by a Dirichlet(1, ..., 1) draw over those
-    modalities, then rounded so the counts sum exactly to the budget and no modality
-    gets more tokens than it has.
+    The budget is ``floor(T * (1 - mask_ratio))``, with ``T`` the number of omics
+    tokens of the modalities present. A Dirichlet(1, ..., 1) draw over those modalities
+    divides it, and rounding makes the counts sum exactly to the budget without giving
+    any modality more tokens than it has.
 
     Args:
         group_counts: Tokens per modality, ``(M,)``.

@@ -43,7 +43,7 @@ class OmicsTokenizer(nn.Module):
 class OmicsDecoder(nn.Module):
     """Reconstruct every group of one modality from the encoder outputs.
 
-    One query per group holds the encoded token when that group was visible and a
+    Each group has one query: the encoded token when that group was visible, the
     learned mask token otherwise, plus a learned group embedding. The queries pass
     through blocks of self-attention, cross-attention to all encoder outputs and an
     MLP, then per-group heads ``width -> width -> n_g``.
