@@ -19,6 +19,14 @@ _EXPORTS = {
     "Chunks": "data_modules.groupings",
     "GenomicBins": "data_modules.groupings",
     "CorrelationClusters": "data_modules.groupings",
+    "SplitStrategy": "data_modules.splits",
+    "RandomSplit": "data_modules.splits",
+    "ColumnSplit": "data_modules.splits",
+    "KFold": "data_modules.splits",
+    "FewShot": "data_modules.splits",
+    "Targets": "data_modules.targets",
+    "SurvivalTargets": "data_modules.targets",
+    "ClassTargets": "data_modules.targets",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,6 @@ class Cohort:
     Attributes:
         patients: Patient ids in table order, each once.
         slides: Patient id to its slide ids (empty when the table names none).
-        split: Patient id to its split name, or None when the table has no split.
         table: One row per patient (index: patient id) with the other columns of the
             table. Where a patient's rows differ, the first row's value is kept.
         source: Path of the table.
@@ -62,7 +62,6 @@ class Cohort:
 
     patients: list[str]
     slides: dict[str, list[str]]
-    split: dict[str, str] | None
     table: pd.DataFrame
     source: str
 
@@ -71,8 +70,8 @@ def load_cohort(
     path: str | os.PathLike[str],
     patient_column: str = "patient_id",
     slide_column: str | None = "slide_id",
-    split_column: str | None = None,
     normalize_ids: bool = True,
+    constant_columns: Sequence[str] = (),
 ) -> Cohort:
     """Read a cohort table with one row per slide or per patient.
 
@@ -80,21 +79,22 @@ def load_cohort(
         path: CSV, TSV or parquet file.
         patient_column: Column of patient ids.
         slide_column: Column of slide ids; None when slides come from the store.
-        split_column: Column of split names (``train``, ``val``, ``test``) or fold
-            numbers; None to split at random later.
         normalize_ids: Reduce TCGA barcodes to patient ids (``TCGA-XX-XXXX``).
+        constant_columns: Per-patient columns (split, labels, groups) that must have
+            the same value in all rows of a patient.
 
     Raises:
         InputError: A named column is missing, an id is empty, a slide belongs to two
-            patients or appears twice, or a patient has rows in two splits.
+            patients or appears twice, or a constant column differs between a patient's
+            rows.
     """
     table = read_table(path)
-    needed = [c for c in (patient_column, slide_column, split_column) if c is not None]
+    needed = [c for c in (patient_column, slide_column, *constant_columns) if c is not None]
     missing = [c for c in needed if c not in table.columns]
     if missing:
         raise InputError(
             f"{path}: missing column(s) {missing}; the table has {list(table.columns)}. "
-            "Set patient_column, slide_column and split_column to the right names"
+            "Set the column names in the config to the table's names"
         )
     if table.empty:
         raise InputError(f"{path}: the cohort table has no rows")
@@ -129,45 +129,18 @@ def load_cohort(
             "needs one row per patient. Remove the repeats or set slide_column"
         )
 
-    split = None
-    if split_column is not None:
-        per_patient = table.groupby(patient_column, sort=False)[split_column].nunique(dropna=False)
-        straddling = per_patient[per_patient > 1]
-        if not straddling.empty:
-            patient = straddling.index[0]
+    for column in constant_columns:
+        per_patient = table.groupby(patient_column, sort=False)[column].nunique(dropna=False)
+        varying = per_patient[per_patient > 1]
+        if not varying.empty:
             raise InputError(
-                f"{path}: patient {patient!r} has rows in different {split_column!r} values; "
-                "all slides of a patient must be in the same split"
+                f"{path}: patient {varying.index[0]!r} has rows with different {column!r} "
+                "values; all rows (slides) of a patient must agree on it"
             )
-        firsts = table.drop_duplicates(patient_column).set_index(patient_column)[split_column]
-        split = {p: str(v) for p, v in firsts.items()}
 
     per_patient_table = table.drop_duplicates(patient_column).set_index(patient_column)
     patients = list(per_patient_table.index)
     for p in patients:
         slides.setdefault(p, [])
-    return Cohort(patients, slides, split, per_patient_table, str(path))
+    return Cohort(patients, slides, per_patient_table, str(path))
 
-
-def random_split(
-    patients: list[str],
-    val_fraction: float,
-    test_fraction: float = 0.0,
-    seed: int = 1999,
-) -> dict[str, str]:
-    """Assign patients to ``train``, ``val`` and ``test`` at random (seeded).
-
-    Sizes are ``round(n * fraction)`` for val and test; the rest is train.
-    """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise InputError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
-            "and sum to less than 1"
-        )
-    order = np.random.default_rng(seed).permutation(len(patients))
-    n_val = int(round(len(patients) * val_fraction))
-    n_test = int(round(len(patients) * test_fraction))
-    names = np.array(["train"] * len(patients), dtype=object)
-    names[order[:n_val]] = "val"
-    names[order[n_val : n_val + n_test]] = "test"
-    return dict(zip(patients, names.tolist()))

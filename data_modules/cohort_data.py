@@ -11,23 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data_modules.cohort import Cohort, load_cohort, normalize_patient_id, random_split
+from data_modules.cohort import Cohort, load_cohort, normalize_patient_id
 from data_modules.feature_store import PatchFeatureStore
 from data_modules.groupings import Groups, restrict
 from data_modules.omics import OmicsModality, Scaling, load_matrix
+from data_modules.splits import SplitStrategy
+from data_modules.targets import TargetData, Targets
 from morpheus_pl.errors import InputError
 
 log = logging.getLogger(__name__)
-
-SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
 
 
 @dataclass
@@ -69,23 +61,29 @@ class CohortData:
 
     Attributes:
         cohort: The cohort table.
-        patients: Patient ids kept (those with at least one slide).
+        patients: Patient ids kept (those with a slide, and a label when the task
+            has labels).
         slides: Per patient, ``(slide_id, n_patches)`` of each slide.
-        split: Per patient, ``train``, ``val`` or ``test``.
-        modalities: Modality name to its data.
+        splits: Split name (``train``, ``val``, ``test``) to patient positions; the
+            validation and test sets may coincide.
         feature_dim: Patch-feature dimension of the store.
+        modalities: Modality name to its data.
+        targets: Labels of the kept patients, or None without a task.
+        target_info: What the model needs to know about the labels, or None.
     """
 
     cohort: Cohort
     patients: list[str]
     slides: list[list[tuple[str, int]]]
-    split: list[str]
+    splits: dict[str, np.ndarray]
+    feature_dim: int
     modalities: dict[str, ModalityData] = field(default_factory=dict)
-    feature_dim: int = 0
+    targets: TargetData | None = None
+    target_info: dict[str, Any] | None = None
 
     def indices(self, split: str) -> np.ndarray:
         """Positions of the patients of a split."""
-        return np.flatnonzero(np.asarray(self.split) == split)
+        return self.splits.get(split, np.array([], dtype=np.int64))
 
 
 def match_slides(
@@ -140,29 +138,6 @@ def match_slides(
     if not patients:
         raise InputError(f"no patient of {cohort.source} has a slide in {store.path}")
     return patients, slides
-
-
-def assign_splits(
-    cohort: Cohort,
-    patients: list[str],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-) -> list[str]:
-    """Split names per patient, from the table's split column or at random."""
-    if cohort.split is None:
-        chosen = random_split(patients, val_fraction, test_fraction, seed)
-        return [chosen[p] for p in patients]
-    names = []
-    for p in patients:
-        raw = cohort.split[p].strip().lower()
-        if raw not in SPLIT_NAMES:
-            raise InputError(
-                f"{cohort.source}: patient {p!r} has split {cohort.split[p]!r}; expected one of "
-                f"{sorted(set(SPLIT_NAMES.values()))}"
-            )
-        names.append(SPLIT_NAMES[raw])
-    return names
 
 
 def load_modality(
@@ -220,45 +195,76 @@ def load_modality(
     )
 
 
+def keep_labelled(
+    patients: list[str],
+    slides: list[list[tuple[str, int]]],
+    targets: TargetData,
+    source: str,
+) -> tuple[list[str], list[list[tuple[str, int]]], TargetData]:
+    """Drop patients without a usable label, with a count in the log."""
+    keep = np.flatnonzero(targets.valid)
+    if len(keep) == 0:
+        raise InputError(f"{source}: no patient has a usable label; check the label columns")
+    if len(keep) < len(patients):
+        log.warning(
+            "%d of %d patient(s) have no usable label and are left out (first: %s)",
+            len(patients) - len(keep),
+            len(patients),
+            patients[int(np.flatnonzero(~targets.valid)[0])],
+        )
+    subset = TargetData(
+        {k: v[torch.as_tensor(keep)] for k, v in targets.tensors.items()},
+        np.ones(len(keep), dtype=bool),
+        None if targets.strata is None else targets.strata[keep],
+        dict(targets.meta),
+    )
+    return [patients[i] for i in keep], [slides[i] for i in keep], subset
+
+
 def prepare_cohort(
     cohort_path: str,
     store: PatchFeatureStore,
     modalities: Mapping[str, OmicsModality],
+    split: SplitStrategy,
+    targets: Targets | None,
     *,
     patient_column: str,
     slide_column: str | None,
-    split_column: str | None,
-    val_fraction: float,
-    test_fraction: float,
-    split_seed: int,
     normalize_ids: bool,
     scale: bool,
     missing_slides: Literal["error", "drop"],
     expected_feature_dim: int | None,
 ) -> CohortData:
-    """Read and check the cohort table, the store and every omics modality."""
+    """Read and check the cohort table, the store, the labels and every omics modality."""
     if expected_feature_dim is not None and expected_feature_dim != store.feature_dim:
         raise InputError(
             f"the store {store.path} contains {store.feature_dim}-d patch features (encoder "
             f"{store.encoder!r}) but patch_dim is {expected_feature_dim}; use a store made with "
             "the expected encoder or change patch_dim"
         )
-    cohort = load_cohort(cohort_path, patient_column, slide_column, split_column, normalize_ids)
+    constant = [*(targets.columns if targets is not None else []), *split.columns]
+    cohort = load_cohort(cohort_path, patient_column, slide_column, normalize_ids, constant)
     patients, slides = match_slides(cohort, store, missing_slides)
-    split = assign_splits(cohort, patients, val_fraction, test_fraction, split_seed)
-    data = CohortData(cohort, patients, slides, split, feature_dim=store.feature_dim)
 
+    labels = None
+    if targets is not None:
+        labels = targets.read(cohort.table, patients, cohort_path)
+        patients, slides, labels = keep_labelled(patients, slides, labels, cohort_path)
+    elif split.needs_strata:
+        raise InputError(f"{type(split).__name__} needs labels: set data.targets")
+
+    splits = split.assign(patients, cohort.table, None if labels is None else labels.strata, cohort_path)
+    data = CohortData(cohort, patients, slides, splits, store.feature_dim, targets=labels)
     for name in ("train", "val"):
         if len(data.indices(name)) == 0:
             raise InputError(
-                f"the {name} split of {cohort_path} is empty ({len(patients)} patients); "
-                + (
-                    f"assign patients to '{name}' in column {split_column!r}"
-                    if split_column
-                    else "raise val_fraction or add patients"
-                )
+                f"the {name} split of {cohort_path} is empty ({len(patients)} patients, split "
+                f"by {type(split).__name__}); change the split settings (for example "
+                "val_fraction) or assign patients to it"
             )
     train_index = data.indices("train")
+    if targets is not None and labels is not None:
+        data.target_info = targets.info(labels, train_index, cohort_path)
     for name, modality in modalities.items():
         data.modalities[name] = load_modality(
             name, modality, patients, train_index, scale, normalize_ids

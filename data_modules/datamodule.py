@@ -15,6 +15,9 @@ from data_modules.cohort_data import CohortData, prepare_cohort
 from data_modules.datasets import PatientBags, collate_bags
 from data_modules.feature_store import PatchFeatureStore
 from data_modules.omics import OmicsModality
+from data_modules.splits import RandomSplit, SplitStrategy
+from data_modules.targets import Targets
+from morpheus_pl import batch as keys
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,13 @@ class MorpheusDataModule(pl.LightningDataModule):
         cohort: Cohort table (CSV, TSV or parquet), one row per slide or per patient.
         patch_store: Patch-feature store (``.zarr``).
         modalities: Modality name to its AnnData file and token grouping.
+        split: How patients are split: ``RandomSplit`` (the default, 15% validation,
+            seed 1999), ``ColumnSplit`` (a cohort column), ``KFold`` or ``FewShot``.
+        targets: Labels of a downstream task (``SurvivalTargets``, ``ClassTargets``);
+            None for pre-training. Patients without a usable label are left out.
         patient_column: Cohort column of patient ids.
         slide_column: Cohort column of slide ids; None takes each patient's slides
             from the store's ``patient_id`` attributes.
-        split_column: Cohort column with ``train``, ``val`` or ``test`` per patient;
-            None splits patients at random with ``val_fraction`` and ``test_fraction``.
-        val_fraction: Fraction of patients for validation when splitting at random.
-        test_fraction: Fraction of patients for test when splitting at random.
-        split_seed: Seed of the random split.
         normalize_ids: Reduce TCGA sample and slide barcodes to patient ids.
         scale: Centre and scale each omics feature with training-split statistics.
         patch_dim: Expected patch-feature dimension; None accepts the store's.
@@ -60,12 +62,10 @@ class MorpheusDataModule(pl.LightningDataModule):
         cohort: str,
         patch_store: str,
         modalities: dict[str, OmicsModality] | None = None,
+        split: SplitStrategy | None = None,
+        targets: Targets | None = None,
         patient_column: str = "patient_id",
         slide_column: str | None = "slide_id",
-        split_column: str | None = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.0,
-        split_seed: int = 1999,
         normalize_ids: bool = True,
         scale: bool = True,
         patch_dim: int | None = None,
@@ -79,16 +79,14 @@ class MorpheusDataModule(pl.LightningDataModule):
         missing_slides: Literal["error", "drop"] = "error",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["modalities"])
+        self.save_hyperparameters(ignore=["modalities", "split", "targets"])
         self.cohort = cohort
         self.patch_store = patch_store
         self.modalities = dict(modalities or {})
+        self.split = split if split is not None else RandomSplit()
+        self.targets = targets
         self.patient_column = patient_column
         self.slide_column = slide_column
-        self.split_column = split_column
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.split_seed = split_seed
         self.normalize_ids = normalize_ids
         self.scale = scale
         self.patch_dim = patch_dim
@@ -118,12 +116,10 @@ class MorpheusDataModule(pl.LightningDataModule):
                 self.cohort,
                 self.store,
                 self.modalities,
+                self.split,
+                self.targets,
                 patient_column=self.patient_column,
                 slide_column=self.slide_column,
-                split_column=self.split_column,
-                val_fraction=self.val_fraction,
-                test_fraction=self.test_fraction,
-                split_seed=self.split_seed,
                 normalize_ids=self.normalize_ids,
                 scale=self.scale,
                 missing_slides=self.missing_slides,
@@ -141,6 +137,11 @@ class MorpheusDataModule(pl.LightningDataModule):
         """Per modality: feature ids, group names and members, training means."""
         train = self.data.indices("train")
         return {name: m.spec(train) for name, m in self.data.modalities.items()}
+
+    @property
+    def target_info(self) -> dict[str, Any] | None:
+        """Facts about the labels the model needs (time bins, class names), or None."""
+        return self.data.target_info
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the cohort (reads tables and omics, lists the store)."""
@@ -162,8 +163,11 @@ class MorpheusDataModule(pl.LightningDataModule):
         )
 
     def extra_tensors(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        """Per-patient tensors added to each item (labels); none for pre-training."""
-        return {}
+        """Per-patient tensors added to each item: cohort position and labels."""
+        extra = {keys.PATIENT_INDEX: torch.as_tensor(index, dtype=torch.long)}
+        if self.data.targets is not None:
+            extra.update({k: v[torch.as_tensor(index)] for k, v in self.data.targets.tensors.items()})
+        return extra
 
     def _loader(self, dataset: PatientBags, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.num_workers
@@ -203,7 +207,10 @@ class MorpheusDataModule(pl.LightningDataModule):
         if self._data is None:
             return {}
         return {
-            "split": dict(zip(self.data.patients, self.data.split)),
+            "splits": {
+                name: [self.data.patients[i] for i in index] for name, index in self.data.splits.items()
+            },
+            "target_info": self.data.target_info,
             "scaling": {
                 name: {"mean": m.scaling.mean.tolist(), "scale": m.scaling.scale.tolist()}
                 for name, m in self.data.modalities.items()

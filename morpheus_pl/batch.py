@@ -20,13 +20,26 @@ OMICS = "omics"
 OMICS_PRESENT = "omics_present"
 #: Patient ids, a list of ``B`` strings.
 PATIENT_ID = "patient_id"
+#: ``(B,)`` long, the patient's position in the prepared cohort; metrics use it to
+#: count each patient once when a distributed sampler repeats samples.
+PATIENT_INDEX = "patient_index"
+#: ``(B,)`` float32 survival or follow-up time.
+TIME = "time"
+#: ``(B,)`` bool, True when the event was observed (False: censored).
+EVENT = "event"
+#: ``(B,)`` long class index.
+LABEL = "label"
 
 
 class Batch(TypedDict, total=False):
-    """Type of a batch; downstream tasks add their label keys."""
+    """Type of a batch; label keys are present only for downstream tasks."""
 
     patches: torch.Tensor
     patch_mask: torch.Tensor
     omics: dict[str, torch.Tensor]
     omics_present: dict[str, torch.Tensor]
     patient_id: list[str]
+    patient_index: torch.Tensor
+    time: torch.Tensor
+    event: torch.Tensor
+    label: torch.Tensor

@@ -55,7 +55,7 @@ def data_init_args(cohort: SyntheticCohort, **overrides) -> dict:
         "n_patches": 16,
         "batch_size": 8,
         "num_workers": 0,
-        "val_fraction": 0.25,
+        "split": {"class_path": "data_modules.RandomSplit", "init_args": {"val_fraction": 0.25}},
     }
     args.update(overrides)
     return args

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from conftest import write_config
-from data_modules import Chunks, GeneSets, MorpheusDataModule, OmicsModality
+from data_modules import Chunks, ColumnSplit, GeneSets, MorpheusDataModule, OmicsModality, RandomSplit
 from data_modules.feature_store import PatchFeatureStore
 from morpheus_pl.errors import InputError
 
@@ -26,7 +26,7 @@ def datamodule(cohort, **kwargs) -> MorpheusDataModule:
         n_patches=8,
         batch_size=4,
         num_workers=0,
-        val_fraction=0.25,
+        split=RandomSplit(0.25),
     )
     options.update(kwargs)
     return MorpheusDataModule(str(cohort.cohort), str(cohort.store), **options)
@@ -65,7 +65,8 @@ def test_non_finite_patches_found_when_read(own_cohort):
     dm = datamodule(own_cohort, n_patches=None)
     dm.setup()
     index = dm.data.patients.index(info.patient_id)
-    bags = dm.dataset(dm.data.split[index], train_sampling=False)
+    split = next(name for name, members in dm.data.splits.items() if index in members)
+    bags = dm.dataset(split, train_sampling=False)
     position = bags.patients.index(info.patient_id)
     with pytest.raises(InputError, match=f"patient '{info.patient_id}': NaN or infinite patch features in slide.*{info.slide_id}.*re-extract"):
         bags[position]
@@ -91,13 +92,13 @@ def test_empty_validation_split(own_cohort):
     table = pd.read_csv(own_cohort.cohort)
     table["split"] = "train"
     table.to_csv(own_cohort.cohort, index=False)
-    with pytest.raises(InputError, match="the val split of .* is empty .* assign patients to 'val' in column 'split'"):
-        datamodule(own_cohort, split_column="split").setup()
+    with pytest.raises(InputError, match="the val split of .* is empty .* split by ColumnSplit"):
+        datamodule(own_cohort, split=ColumnSplit("split")).setup()
 
 
 def test_empty_validation_from_fraction(tiny_cohort):
-    with pytest.raises(InputError, match="the val split .* is empty .* raise val_fraction"):
-        datamodule(tiny_cohort, val_fraction=0.0).setup()
+    with pytest.raises(InputError, match="the val split .* is empty .* split by RandomSplit.*val_fraction"):
+        datamodule(tiny_cohort, split=RandomSplit(0.0)).setup()
 
 
 def test_unknown_slide_in_cohort(own_cohort):
@@ -130,7 +131,12 @@ def test_cli_prints_input_error_without_traceback(own_cohort, tmp_path):
     table["split"] = "train"
     table.to_csv(own_cohort.cohort, index=False)
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "c.yaml", own_cohort, runs, split_column="split")
+    config = write_config(
+        tmp_path / "c.yaml",
+        own_cohort,
+        runs,
+        split={"class_path": "data_modules.ColumnSplit", "init_args": {"column": "split"}},
+    )
     result = subprocess.run(
         [sys.executable, "-m", "morpheus_pl", "fit", "--config", str(config)],
         capture_output=True,

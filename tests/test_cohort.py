@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from data_modules.cohort import load_cohort, normalize_patient_id, random_split, read_table
+from data_modules.cohort import load_cohort, normalize_patient_id, read_table
 from morpheus_pl.errors import InputError
 
 
@@ -78,14 +78,6 @@ def test_missing_column_lists_available(tmp_path):
 def test_patient_straddling_splits(tmp_path):
     path = tmp_path / "c.csv"
     pd.DataFrame({"patient_id": ["a", "a"], "slide_id": ["s1", "s2"], "split": ["train", "val"]}).to_csv(path, index=False)
-    with pytest.raises(InputError, match="patient 'a' has rows in different 'split' values"):
-        load_cohort(path, split_column="split")
+    with pytest.raises(InputError, match="patient 'a' has rows with different 'split' values"):
+        load_cohort(path, constant_columns=["split"])
 
-
-def test_random_split_sizes_and_seed():
-    patients = [f"p{i}" for i in range(100)]
-    first = random_split(patients, 0.2, 0.1, seed=5)
-    assert list(first.values()).count("val") == 20
-    assert list(first.values()).count("test") == 10
-    assert first == random_split(patients, 0.2, 0.1, seed=5)
-    assert first != random_split(patients, 0.2, 0.1, seed=6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules import Chunks, GeneSets, MorpheusDataModule, OmicsModality
+from data_modules import Chunks, GeneSets, MorpheusDataModule, OmicsModality, RandomSplit
 from data_modules.datasets import PatientBags, collate_bags
 from data_modules.feature_store import PatchFeatureStore
 from data_modules.synthetic import write_synthetic_cohort
@@ -21,7 +21,7 @@ def make_datamodule(cohort, **kwargs) -> MorpheusDataModule:
         n_patches=16,
         batch_size=8,
         num_workers=0,
-        val_fraction=0.25,
+        split=RandomSplit(0.25),
     )
     options.update(kwargs)
     return MorpheusDataModule(str(cohort.cohort), str(cohort.store), **options)
@@ -146,6 +146,7 @@ def test_state_dict_records_split_and_scaling(tiny_cohort):
     assert dm.state_dict() == {}
     dm.setup("fit")
     state = dm.state_dict()
-    assert set(state["split"].values()) == {"train", "val"}
+    assert len(state["splits"]["train"]) == 30
+    assert len(state["splits"]["val"]) == 10
     assert len(state["scaling"]["rna"]["mean"]) == 36
     assert np.all(np.array(state["scaling"]["rna"]["scale"]) > 0)
