@@ -35,7 +35,10 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a CSV, TSV or parquet table; the format comes from the file extension."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"table not found: {path}")
+        raise InputError(
+            f"table not found: {path.resolve()}; check the path (relative paths start from "
+            "the current directory)"
+        )
     suffixes = "".join(path.suffixes[-2:]).lower()
     if suffixes.endswith((".parquet", ".pq")):
         return pd.read_parquet(path)

@@ -147,8 +147,13 @@ def load_modality(
     train_index: np.ndarray,
     scale: bool,
     normalize_ids: bool,
+    saved: dict[str, Any] | None = None,
 ) -> ModalityData:
-    """Read a modality, align it to ``patients``, fit its groups and scaling."""
+    """Read a modality, align it to ``patients``, then fit its groups and scaling.
+
+    With ``saved`` (the modality's entry of a checkpoint's data state), the saved
+    features, groups and scaling are reused instead of fitted.
+    """
     var, values, ids = load_matrix(name, modality, normalize_ids)
     position = pd.Series(np.arange(len(ids)), index=ids)
     rows = position.reindex(patients).to_numpy()
@@ -171,20 +176,39 @@ def load_modality(
     aligned = np.full((len(patients), values.shape[1]), np.nan, dtype=np.float32)
     aligned[present] = values[rows[present].astype(np.int64)]
 
-    train_rows = train_index[present[train_index]]
-    if len(train_rows) == 0:
-        raise InputError(
-            f"{modality.path} (modality {name!r}): no training patient has this modality; "
-            "the groups and scaling are fitted on the training split"
-        )
-    groups = modality.grouping(var, aligned[train_rows], name)
-    groups, features, kept = restrict(groups, list(var.index))
-    aligned = aligned[:, kept]
-
-    scaling = None
-    if scale:
-        scaling = Scaling.fit(aligned[train_rows], name)
-        aligned = scaling.transform(aligned)
+    if saved is not None:
+        features = list(saved["features"])
+        kept = var.index.get_indexer(features)
+        if (kept < 0).any():
+            lacking = [f for f, k in zip(features, kept) if k < 0]
+            raise InputError(
+                f"{modality.path} (modality {name!r}) lacks {len(lacking)} of the "
+                f"{len(features)} features of the checkpoint (for example {lacking[:3]}); use "
+                "the omics file the checkpoint was trained with"
+            )
+        groups = Groups(list(saved["group_names"]), [list(g) for g in saved["groups"]])
+        aligned = aligned[:, kept]
+        scaling = None
+        if saved.get("scaling") is not None:
+            scaling = Scaling(
+                np.asarray(saved["scaling"]["mean"], dtype=np.float32),
+                np.asarray(saved["scaling"]["scale"], dtype=np.float32),
+            )
+            aligned = scaling.transform(aligned)
+    else:
+        train_rows = train_index[present[train_index]]
+        if len(train_rows) == 0:
+            raise InputError(
+                f"{modality.path} (modality {name!r}): no training patient has this modality; "
+                "the groups and scaling are fitted on the training split"
+            )
+        groups = modality.grouping(var, aligned[train_rows], name)
+        groups, features, kept = restrict(groups, list(var.index))
+        aligned = aligned[:, kept]
+        scaling = None
+        if scale:
+            scaling = Scaling.fit(aligned[train_rows], name)
+            aligned = scaling.transform(aligned)
     return ModalityData(
         features=features,
         groups=groups,
@@ -193,6 +217,32 @@ def load_modality(
         scaling=scaling,
         source=str(modality.path),
     )
+
+
+def restore_splits(
+    saved: dict[str, list[str]], patients: list[str], source: str
+) -> dict[str, np.ndarray]:
+    """Map saved split memberships (patient ids) onto the current patients' positions."""
+    position = {p: i for i, p in enumerate(patients)}
+    splits, unknown = {}, 0
+    for name, members in saved.items():
+        found = [position[p] for p in members if p in position]
+        unknown += len(members) - len(found)
+        splits[name] = np.array(sorted(set(found)), dtype=np.int64)
+    if unknown:
+        log.warning(
+            "%d patient(s) of the checkpoint's splits are not in %s now and are left out",
+            unknown,
+            source,
+        )
+    assigned = set().union(*(set(v.tolist()) for v in splits.values())) if splits else set()
+    if len(assigned) < len(patients):
+        log.warning(
+            "%d patient(s) of %s were in no split of the checkpoint and are not used",
+            len(patients) - len(assigned),
+            source,
+        )
+    return splits
 
 
 def keep_labelled(
@@ -234,8 +284,14 @@ def prepare_cohort(
     scale: bool,
     missing_slides: Literal["error", "drop"],
     expected_feature_dim: int | None,
+    saved: dict[str, Any] | None = None,
 ) -> CohortData:
-    """Read and check the cohort table, the store, the labels and every omics modality."""
+    """Read and check the cohort table, the store, the labels and every omics modality.
+
+    With ``saved`` (the data state stored in a checkpoint), the saved splits, features,
+    groups, scaling and label facts are reused, so that evaluating or resuming a
+    checkpoint sees exactly the data it was trained on.
+    """
     if expected_feature_dim is not None and expected_feature_dim != store.feature_dim:
         raise InputError(
             f"the store {store.path} contains {store.feature_dim}-d patch features (encoder "
@@ -253,7 +309,17 @@ def prepare_cohort(
     elif split.needs_strata:
         raise InputError(f"{type(split).__name__} needs labels: set data.targets")
 
-    splits = split.assign(patients, cohort.table, None if labels is None else labels.strata, cohort_path)
+    if saved is None:
+        strata = None if labels is None else labels.strata
+        splits = split.assign(patients, cohort.table, strata, cohort_path)
+    else:
+        splits = restore_splits(saved["patients"], patients, cohort_path)
+        configured, trained = sorted(modalities), sorted(saved["modalities"])
+        if configured != trained:
+            raise InputError(
+                f"the checkpoint was trained with modalities {trained} but the config has "
+                f"{configured}; configure the same modalities"
+            )
     data = CohortData(cohort, patients, slides, splits, store.feature_dim, targets=labels)
     for name in ("train", "val"):
         if len(data.indices(name)) == 0:
@@ -264,10 +330,14 @@ def prepare_cohort(
             )
     train_index = data.indices("train")
     if targets is not None and labels is not None:
-        data.target_info = targets.info(labels, train_index, cohort_path)
+        if saved is not None and saved.get("target_info") is not None:
+            data.target_info = saved["target_info"]
+        else:
+            data.target_info = targets.info(labels, train_index, cohort_path)
     for name, modality in modalities.items():
+        entry = None if saved is None else saved["modalities"][name]
         data.modalities[name] = load_modality(
-            name, modality, patients, train_index, scale, normalize_ids
+            name, modality, patients, train_index, scale, normalize_ids, entry
         )
     log.info(
         "cohort %s: %d patients (train %d, val %d, test %d), %d slides, %d-d patch features",

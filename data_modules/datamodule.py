@@ -18,8 +18,12 @@ from data_modules.omics import OmicsModality
 from data_modules.splits import RandomSplit, SplitStrategy
 from data_modules.targets import Targets
 from morpheus_pl import batch as keys
+from morpheus_pl.errors import InputError
 
 log = logging.getLogger(__name__)
+
+#: Marks the DataModule state inside a checkpoint.
+DATA_STATE_FORMAT = "morpheus_pl.data/1"
 
 
 class MorpheusDataModule(pl.LightningDataModule):
@@ -55,6 +59,10 @@ class MorpheusDataModule(pl.LightningDataModule):
             available.
         missing_slides: What to do with cohort slides or patients missing from the
             store: raise (``error``) or leave them out with a warning (``drop``).
+        restore_from: Checkpoint whose saved splits, features, token groups, scaling
+            and label facts replace those computed from this config. The CLI sets it
+            from ``--ckpt_path`` so that ``validate``, ``test``, ``predict`` and resumed
+            fits see the data the checkpoint was trained on.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         multiprocessing_context: Literal["fork", "forkserver", "spawn"] | None = None,
         pin_memory: bool | None = None,
         missing_slides: Literal["error", "drop"] = "error",
+        restore_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["modalities", "split", "targets"])
@@ -98,6 +107,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory
         self.missing_slides = missing_slides
+        self.restore_from = restore_from
         self._data: CohortData | None = None
         self._store: PatchFeatureStore | None = None
 
@@ -124,6 +134,7 @@ class MorpheusDataModule(pl.LightningDataModule):
                 scale=self.scale,
                 missing_slides=self.missing_slides,
                 expected_feature_dim=self.patch_dim,
+                saved=read_data_state(self.restore_from) if self.restore_from else None,
             )
         return self._data
 
@@ -197,23 +208,47 @@ class MorpheusDataModule(pl.LightningDataModule):
         return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        split = "test" if len(self.data.indices("test")) else "val"
-        if split == "val":
-            log.warning("the test split is empty; testing on the validation split")
-        return self._loader(self.dataset(split), self.eval_batch_size, shuffle=False)
+        if len(self.data.indices("test")) == 0:
+            raise InputError(
+                f"the test split of {self.cohort} is empty; give the split a test set (for "
+                "example RandomSplit test_fraction) or evaluate the validation split with "
+                "the validate command"
+            )
+        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:
-        """Splits and scaling statistics, saved in checkpoints for later reuse."""
+        """Splits, features, groups, scaling and label facts, saved in checkpoints."""
         if self._data is None:
             return {}
         return {
-            "splits": {
+            "format": DATA_STATE_FORMAT,
+            "patients": {
                 name: [self.data.patients[i] for i in index] for name, index in self.data.splits.items()
             },
             "target_info": self.data.target_info,
-            "scaling": {
-                name: {"mean": m.scaling.mean.tolist(), "scale": m.scaling.scale.tolist()}
+            "modalities": {
+                name: {
+                    "features": list(m.features),
+                    "group_names": list(m.groups.names),
+                    "groups": [list(g) for g in m.groups.members],
+                    "scaling": None
+                    if m.scaling is None
+                    else {"mean": m.scaling.mean.tolist(), "scale": m.scaling.scale.tolist()},
+                }
                 for name, m in self.data.modalities.items()
-                if m.scaling is not None
             },
         }
+
+
+def read_data_state(path: str) -> dict[str, Any]:
+    """Return the DataModule state saved in a checkpoint."""
+    from morpheus_pl.checkpoints import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    for value in checkpoint.values():
+        if isinstance(value, dict) and value.get("format") == DATA_STATE_FORMAT:
+            return value
+    raise InputError(
+        f"{path} holds no morpheus_pl data state (splits, features, scaling); it was not "
+        "written by a morpheus_pl run, so evaluate it with a fresh fit instead"
+    )

@@ -108,8 +108,9 @@ class PatchFeatureStore:
             self.mode = "a"
         elif not (self.path / "zarr.json").is_file():
             raise InputError(
-                f"patch-feature store not found: {self.path} has no zarr.json; check the "
-                "path or create the store with the slide converter"
+                f"patch-feature store not found: {self.path.resolve()} has no zarr.json; check "
+                "the path (relative paths start from the current directory) or write the "
+                "store with PatchFeatureStore (docs/data-format.md)"
             )
         attrs = self.root.attrs.asdict()
         if "feature_dim" not in attrs or "morpheus_patch_store" not in attrs:

@@ -41,7 +41,10 @@ def read_anndata(path: str | os.PathLike[str]) -> ad.AnnData:
     """Read an ``.h5ad`` file or ``.zarr`` directory into memory."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"omics file not found: {path}")
+        raise InputError(
+            f"omics file not found: {path.resolve()}; check the path (relative paths start "
+            "from the current directory)"
+        )
     try:
         if path.suffix == ".zarr" or path.is_dir():
             return ad.read_zarr(path)
@@ -62,8 +65,13 @@ def load_matrix(
     Raises:
         InputError: Duplicated patient or feature ids, non-numeric or infinite values.
     """
-    adata = read_anndata(modality.path)
     where = f"{modality.path} (modality {name!r})"
+    if not Path(modality.path).exists():
+        raise InputError(
+            f"omics file of modality {name!r} not found: {Path(modality.path).resolve()}; check "
+            "the path (relative paths start from the current directory)"
+        )
+    adata = read_anndata(modality.path)
     if modality.layer is not None and modality.layer not in adata.layers:
         raise InputError(
             f"{where}: layer {modality.layer!r} not found; available: {list(adata.layers)}"

@@ -1,7 +1,8 @@
 """Small synthetic cohorts with shared latent structure, for tests and benchmarks.
 
-Each patient has a few latent factors; omics values and patch features are noisy
-linear functions of them, so masked omics are predictable from the rest.
+Each patient has a few latent factors. Omics values and patch features are noisy
+linear functions of them, so masked omics are predictable from the rest, and the
+labels (survival time, event flag, a three-class subtype) depend on them too.
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ def write_synthetic_cohort(
             store.write_slide(slide_id, feats, coords, patient_id=patient, source="synthetic")
             rows.append({"patient_id": patient, "slide_id": slide_id})
     cohort = pd.DataFrame(rows)
+    hazard = np.exp(0.8 * latent[:, 0])
+    event_time = rng.exponential(24.0 / hazard)
+    censor_time = rng.uniform(6.0, 60.0, size=n_patients)
+    labels = pd.DataFrame(
+        {
+            "os_months": np.round(np.minimum(event_time, censor_time), 2),
+            "os_event": (event_time <= censor_time).astype(int),
+            "subtype": np.array(["alpha", "beta", "gamma"])[np.digitize(latent[:, 1], [-0.4, 0.4])],
+        },
+        index=patients,
+    )
+    cohort = cohort.join(labels, on="patient_id")
     if split:
         names = np.array(["train"] * n_patients, dtype=object)
         order = rng.permutation(n_patients)

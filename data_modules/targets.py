@@ -183,4 +183,8 @@ class ClassTargets(Targets):
         absent = [c for c, n in zip(classes, counts) if n == 0]
         if absent:
             log.warning("classes %s have no patient in the training split", absent)
-        return {"task": "classification", "classes": list(classes)}
+        return {
+            "task": "classification",
+            "classes": list(classes),
+            "train_counts": [int(n) for n in counts],
+        }

@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MaskedOmicsPretraining": "morpheus_pl.pretraining",
+    "DownstreamTask": "morpheus_pl.tasks",
+    "SurvivalTask": "morpheus_pl.tasks",
+    "ClassificationTask": "morpheus_pl.tasks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+# Imported so that --help lists the project's models and DataModules.
+import data_modules.datamodule  # noqa: F401
+import morpheus_pl.pretraining  # noqa: F401
+import morpheus_pl.tasks  # noqa: F401
 from morpheus_pl.errors import InputError
+from morpheus_pl.protocols import PROTOCOLS
+from morpheus_pl.protocols import main as run_protocol
 
 
 class MorpheusCLI(LightningCLI):
@@ -38,6 +48,65 @@ class MorpheusCLI(LightningCLI):
         parser.link_arguments(
             "data.modality_specs", "model.init_args.modalities", apply_on="instantiate"
         )
+        # Only models with a target_info argument (downstream tasks) receive it.
+        parser.link_arguments(
+            "data.target_info", "model.init_args.target_info", apply_on="instantiate"
+        )
+
+
+    def _parse_ckpt_path(self) -> None:
+        super()._parse_ckpt_path()
+        # Lightning passes the checkpoint's hyper-parameters through ``dict_kwargs``,
+        # which would also catch linked values for arguments the model does not have
+        # (target_info for pre-training). Keep only the model's own arguments.
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        if model is None or not model.get("dict_kwargs"):
+            return
+        init_args = model.get("init_args")
+        for key, value in dict(model["dict_kwargs"]).items():
+            if init_args is not None and key in init_args:
+                init_args[key] = value
+        del model["dict_kwargs"]
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_model_arguments(config.get("model"))
+
+        # Evaluating or resuming a checkpoint reuses the data state saved in it.
+        ckpt_path = config.get("ckpt_path")
+        data = config.get("data")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or data is None:
+            return
+        init_args = data.get("init_args")
+        if init_args is not None and "restore_from" in init_args and not init_args.get("restore_from"):
+            init_args["restore_from"] = str(ckpt_path)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # The always-configured checkpoint callback must not block enable_checkpointing: false.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def check_model_arguments(model: Any) -> None:
+    """Run the model class's own argument checks before anything is built.
+
+    Errors raised while jsonargparse instantiates a class come back wrapped in a long
+    dump of every argument, so classes with a ``check_arguments`` static method get
+    their arguments checked here first, where an ``InputError`` stays readable.
+    """
+    if model is None or not model.get("class_path"):
+        return
+    module_name, _, class_name = str(model["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return
+    check = getattr(cls, "check_arguments", None)
+    if callable(check):
+        init_args = model.get("init_args")
+        check(dict(init_args) if init_args is not None else {})
 
 
 def main(args: list[str] | None = None) -> None:
@@ -47,7 +116,11 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv and argv[0] in PROTOCOLS:
+            run_protocol(argv)
+            return
         MorpheusCLI(
             LightningModule,
             LightningDataModule,
@@ -57,6 +130,9 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
         )
-    except InputError as error:
-        logging.getLogger("morpheus_pl").error("%s", error)
+    except (InputError, MisconfigurationException) as error:
+        hint = ""
+        if "gpu" in str(error).lower() and "found" in str(error).lower():
+            hint = " (no GPU here: set trainer.accelerator to cpu or auto)"
+        logging.getLogger("morpheus_pl").error("%s%s", error, hint)
         sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 
@@ -76,3 +77,126 @@ class FeaturePearson(Metric):
         if r.numel() == 0:
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.n.device)
         return r.median()
+
+
+def harrell_c_index(
+    risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, chunk: int = 4096
+) -> tuple[float, int]:
+    """Harrell's concordance index of risk scores (higher risk, earlier event).
+
+    A pair is comparable when the patient with the shorter time had the event, and
+    when the times tie, one had the event and the other was censored (the event
+    counts as earlier). Two tied events are not comparable. A comparable pair is
+    concordant when the earlier patient has the higher risk; tied risks count 1/2.
+
+    Returns:
+        The index (NaN without comparable pairs) and the number of comparable pairs.
+    """
+    risk, time, event = risk.double(), time.double(), event.bool()
+    concordant = torch.zeros((), dtype=torch.float64, device=risk.device)
+    comparable = torch.zeros((), dtype=torch.float64, device=risk.device)
+    for start in range(0, len(risk), chunk):
+        stop = start + chunk
+        t_i, r_i, e_i = time[start:stop, None], risk[start:stop, None], event[start:stop, None]
+        earlier = (t_i < time[None, :]) | ((t_i == time[None, :]) & ~event[None, :])
+        pairs = e_i & earlier
+        comparable += pairs.sum()
+        concordant += ((r_i > risk[None, :]) & pairs).sum() + 0.5 * ((r_i == risk[None, :]) & pairs).sum()
+    n = int(comparable.item())
+    return (float(concordant / comparable) if n else float("nan")), n
+
+
+class PatientMetric(Metric):
+    """Collects per-patient outputs across batches and processes, each patient once.
+
+    A distributed sampler pads the last batch with repeated patients; the states keep
+    each output's patient position so that ``compute`` can drop the repeats.
+    """
+
+    full_state_update = False
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        for name in names:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        """Add a batch: ``index`` is ``(B,)`` patient positions, values are ``(B, ...)``."""
+        self.index.append(index.detach())
+        for name in self.names:
+            getattr(self, name).append(values[name].detach().float())
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """Return all collected values with each patient once, ordered by position."""
+        from torchmetrics.utilities import dim_zero_cat
+
+        index = dim_zero_cat(self.index)
+        order = torch.argsort(index, stable=True)
+        keep = torch.ones_like(order, dtype=torch.bool)
+        keep[1:] = index[order][1:] != index[order][:-1]
+        chosen = order[keep]
+        return {"index": index[chosen], **{n: dim_zero_cat(getattr(self, n))[chosen] for n in self.names}}
+
+
+class ConcordanceIndex(PatientMetric):
+    """Harrell's c-index over all patients of an epoch; NaN with a warning without pairs."""
+
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        super().__init__(("risk", "time", "event"))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = self.gathered()
+        c_index, pairs = harrell_c_index(values["risk"], values["time"], values["event"])
+        if pairs == 0:
+            rank_zero_warn(
+                f"c-index is NaN: no comparable pair among {len(values['index'])} patients "
+                f"({int(values['event'].sum().item())} event(s))"
+            )
+        return {"c_index": torch.tensor(c_index, dtype=torch.float32)}
+
+
+class ClassificationScores(PatientMetric):
+    """AUROC (macro one-vs-rest) and balanced accuracy over the patients of an epoch.
+
+    Scores are cast to float32 before torchmetrics computes them. With fewer than two
+    classes present, both are NaN with a warning. With some classes absent, AUROC and
+    balanced accuracy average over the classes present, with a warning.
+
+    Args:
+        num_classes: Number of classes ``C``.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(("probs", "label"))
+        self.num_classes = num_classes
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        from torchmetrics.functional.classification import binary_auroc, multiclass_recall
+
+        values = self.gathered()
+        probs = values["probs"].float()
+        label = values["label"].long()
+        present = torch.unique(label)
+        nan = torch.tensor(float("nan"))
+        if len(present) < 2:
+            rank_zero_warn(
+                f"AUROC and balanced accuracy are NaN: {len(label)} patients of a single class"
+            )
+            return {"auroc": nan, "balanced_accuracy": nan}
+        if len(present) < self.num_classes:
+            rank_zero_warn(
+                f"only {len(present)} of {self.num_classes} classes present; AUROC and balanced "
+                "accuracy average over the classes present"
+            )
+        if self.num_classes == 2:
+            auroc = binary_auroc(probs[:, 1], label)
+        else:
+            auroc = torch.stack([binary_auroc(probs[:, c], (label == c).long()) for c in present]).mean()
+        recall = multiclass_recall(
+            probs.argmax(dim=1), label, num_classes=self.num_classes, average="none"
+        )
+        return {"auroc": auroc.float().cpu(), "balanced_accuracy": recall[present].mean().float().cpu()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -41,3 +42,20 @@ def warmup_cosine(
         return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_warmup_cosine(
+    module: pl.LightningModule,
+    lr: float,
+    weight_decay: float,
+    warmup_epochs: float,
+    min_lr_ratio: float = 0.0,
+) -> dict:
+    """Return Lightning's optimiser configuration: AdamW with per-step warm-up and cosine."""
+    optimizer = torch.optim.AdamW(adamw_param_groups(module, weight_decay), lr=lr)
+    trainer = module.trainer
+    total = int(trainer.estimated_stepping_batches)
+    epochs = max(1, trainer.max_epochs or 1)
+    warmup = math.ceil(warmup_epochs * total / epochs)
+    scheduler = warmup_cosine(optimizer, warmup, total, min_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

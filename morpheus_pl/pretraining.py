@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,25 +12,36 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from morpheus_pl import batch as keys
+from morpheus_pl.errors import InputError
 from morpheus_pl.metrics import FeaturePearson
 from morpheus_pl.nn import Morpheus, ReconstructionOutput, masked_group_l1
-from morpheus_pl.optim import adamw_param_groups, warmup_cosine
+from morpheus_pl.optim import adamw_warmup_cosine
 
 EVAL_STAGES = ("val", "test")
+
+
+def check_attention_sizes(**sizes: tuple[int, int]) -> None:
+    """Raise unless each ``(width, heads)`` pair splits the width evenly across heads."""
+    for name, (width, heads) in sizes.items():
+        if heads < 1 or width % heads:
+            raise InputError(
+                f"{name}: width {width} is not divisible by {heads} heads; choose a number of "
+                "heads that divides the width (for example 8 for width 256)"
+            )
 
 
 def check_modalities(modalities: dict[str, dict[str, Any]]) -> None:
     """Check the modality specifications that the DataModule links into the model."""
     if not modalities:
-        raise ValueError(
+        raise InputError(
             "the model needs at least one omics modality; list them under data.modalities"
         )
     for name, spec in modalities.items():
         if not name.isidentifier():
-            raise ValueError(f"modality name {name!r} must be a Python identifier (e.g. 'rna')")
+            raise InputError(f"modality name {name!r} must be a Python identifier (e.g. 'rna')")
         for key in ("features", "groups"):
             if key not in spec:
-                raise ValueError(f"modality {name!r} has no {key!r} entry")
+                raise InputError(f"modality {name!r} has no {key!r} entry")
 
 
 class MaskedOmicsPretraining(pl.LightningModule):
@@ -91,6 +101,7 @@ class MaskedOmicsPretraining(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_modalities(modalities)
+        check_attention_sizes(encoder=(width, heads), decoder=(decoder_width, decoder_heads))
         # The feature lists can be long: keep them in the checkpoint, not in the logger.
         self.save_hyperparameters(logger=False)
         self.modality_names = list(modalities)
@@ -123,6 +134,16 @@ class MaskedOmicsPretraining(pl.LightningModule):
                 per_stage[f"baseline_loss_{m}"] = MeanMetric()
                 per_stage[f"pearson_{m}"] = FeaturePearson(len(spec["features"]))
             self.eval_metrics[stage] = per_stage
+
+    @staticmethod
+    def check_arguments(arguments: dict[str, Any]) -> None:
+        """Check the arguments that do not depend on the data (the CLI calls this first)."""
+        defaults = {"width": 256, "heads": 8, "decoder_width": 256, "decoder_heads": 8}
+        value = {k: arguments.get(k, v) for k, v in defaults.items()}
+        check_attention_sizes(
+            encoder=(value["width"], value["heads"]),
+            decoder=(value["decoder_width"], value["decoder_heads"]),
+        )
 
     def on_fit_start(self) -> None:
         n_params = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -209,14 +230,5 @@ class MaskedOmicsPretraining(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> dict:
-        optimizer = torch.optim.AdamW(
-            adamw_param_groups(self, self.hparams.weight_decay), lr=self.hparams.lr
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = math.ceil(self.hparams.warmup_epochs * total / epochs)
-        scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        hp = self.hparams
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr_ratio)

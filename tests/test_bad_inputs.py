@@ -122,7 +122,7 @@ def test_omics_ids_match_no_patient(own_cohort):
 
 def test_missing_omics_file(tiny_cohort, tmp_path):
     modalities = {"rna": OmicsModality(str(tmp_path / "nope.h5ad"), GeneSets(str(tiny_cohort.gmt)))}
-    with pytest.raises(InputError, match="omics file not found: .*nope.h5ad"):
+    with pytest.raises(InputError, match="omics file of modality 'rna' not found: .*nope.h5ad"):
         datamodule(tiny_cohort, modalities=modalities).setup()
 
 

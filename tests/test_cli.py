@@ -83,7 +83,9 @@ def test_fit_end_to_end(tiny_cohort, tmp_path):
     assert len(model.hparams.modalities["dnam"]["groups"]) == 5
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1
-    assert len(checkpoint["MorpheusDataModule"]["splits"]["val"]) == 10
+    data_state = checkpoint["MorpheusDataModule"]
+    assert len(data_state["patients"]["val"]) == 10
+    assert data_state["modalities"]["dnam"]["groups"] == model.hparams.modalities["dnam"]["groups"]
 
     # Every logged curve is present.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -93,8 +95,23 @@ def test_fit_end_to_end(tiny_cohort, tmp_path):
     for tag in ("train/loss_epoch", "val/loss", "val/loss_rna", "val/baseline_loss_dnam", "val/pearson_rna"):
         assert tag in tags
 
-    # validate and test run from the saved checkpoint.
-    for command in ("validate", "test"):
-        result = run_cli(command, "--config", str(path), "--ckpt_path", str(last))
+    # validate runs from the saved checkpoint, on the split saved in it even when the
+    # config's split seed changes; test needs a test split.
+    scores = []
+    for seed in (None, "5"):
+        extra = [] if seed is None else [f"--data.init_args.split.init_args.seed={seed}"]
+        result = run_cli("validate", "--config", str(path), "--ckpt_path", str(last), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert f"{'val' if command == 'validate' else 'test'}/loss" in result.stdout
+        scores.append(validation_loss(result.stdout))
+    assert scores[0] == scores[1]
+    result = run_cli("test", "--config", str(path), "--ckpt_path", str(last))
+    assert result.returncode == 2
+    assert "the test split of" in result.stderr
+
+
+def validation_loss(stdout: str) -> float:
+    for line in stdout.splitlines():
+        fields = line.split()
+        if fields[:1] == ["val/loss"]:
+            return float(fields[1])
+    raise AssertionError(f"no val/loss in the output:\n{stdout}")

@@ -146,7 +146,7 @@ def test_state_dict_records_split_and_scaling(tiny_cohort):
     assert dm.state_dict() == {}
     dm.setup("fit")
     state = dm.state_dict()
-    assert len(state["splits"]["train"]) == 30
-    assert len(state["splits"]["val"]) == 10
-    assert len(state["scaling"]["rna"]["mean"]) == 36
-    assert np.all(np.array(state["scaling"]["rna"]["scale"]) > 0)
+    assert len(state["patients"]["train"]) == 30
+    assert len(state["patients"]["val"]) == 10
+    assert len(state["modalities"]["rna"]["scaling"]["mean"]) == 36
+    assert np.all(np.array(state["modalities"]["rna"]["scaling"]["scale"]) > 0)
