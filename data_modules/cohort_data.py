@@ -285,12 +285,18 @@ def prepare_cohort(
     missing_slides: Literal["error", "drop"],
     expected_feature_dim: int | None,
     saved: dict[str, Any] | None = None,
+    features_from: dict[str, Any] | None = None,
 ) -> CohortData:
     """Read and check the cohort table, the store, the labels and every omics modality.
 
-    With ``saved`` (the data state stored in a checkpoint), the saved splits, features,
-    groups, scaling and label facts are reused, so that evaluating or resuming a
-    checkpoint sees exactly the data it was trained on.
+    Args:
+        saved: Data state of a checkpoint to evaluate or resume: its splits, features,
+            groups, scaling and label facts are reused, so the run sees exactly the
+            data the checkpoint was trained on.
+        features_from: Data state of a pre-training checkpoint to fine-tune: only its
+            features, groups and scaling are reused, which the pre-trained tokenizers
+            expect; splits and labels are computed here.
+        Other arguments: as in :class:`~data_modules.datamodule.MorpheusDataModule`.
     """
     if expected_feature_dim is not None and expected_feature_dim != store.feature_dim:
         raise InputError(
@@ -320,6 +326,14 @@ def prepare_cohort(
                 f"the checkpoint was trained with modalities {trained} but the config has "
                 f"{configured}; configure the same modalities"
             )
+    modality_state = (saved or features_from or {}).get("modalities")
+    if modality_state is not None:
+        lacking = sorted(set(modalities) - set(modality_state))
+        if lacking:
+            raise InputError(
+                f"the checkpoint has no data state for modalities {lacking} (it has "
+                f"{sorted(modality_state)}); drop them from data.modalities or pre-train with them"
+            )
     data = CohortData(cohort, patients, slides, splits, store.feature_dim, targets=labels)
     for name in ("train", "val"):
         if len(data.indices(name)) == 0:
@@ -335,7 +349,7 @@ def prepare_cohort(
         else:
             data.target_info = targets.info(labels, train_index, cohort_path)
     for name, modality in modalities.items():
-        entry = None if saved is None else saved["modalities"][name]
+        entry = None if modality_state is None else modality_state[name]
         data.modalities[name] = load_modality(
             name, modality, patients, train_index, scale, normalize_ids, entry
         )

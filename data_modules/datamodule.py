@@ -63,6 +63,10 @@ class MorpheusDataModule(pl.LightningDataModule):
             and label facts replace those computed from this config. The CLI sets it
             from ``--ckpt_path`` so that ``validate``, ``test``, ``predict`` and resumed
             fits see the data the checkpoint was trained on.
+        features_from: Pre-training checkpoint whose features, token groups and
+            scaling replace those fitted here (splits and labels are still computed).
+            The CLI sets it from the model's ``pretrained`` argument, because the
+            pre-trained tokenizers expect exactly those groups.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         missing_slides: Literal["error", "drop"] = "error",
         restore_from: str | None = None,
+        features_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["modalities", "split", "targets"])
@@ -108,6 +113,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.missing_slides = missing_slides
         self.restore_from = restore_from
+        self.features_from = features_from
         self._data: CohortData | None = None
         self._store: PatchFeatureStore | None = None
 
@@ -135,6 +141,7 @@ class MorpheusDataModule(pl.LightningDataModule):
                 missing_slides=self.missing_slides,
                 expected_feature_dim=self.patch_dim,
                 saved=read_data_state(self.restore_from) if self.restore_from else None,
+                features_from=read_data_state(self.features_from) if self.features_from else None,
             )
         return self._data
 

@@ -218,7 +218,7 @@ class FewShot(SplitStrategy):
             members = np.flatnonzero(strata == label)
             if len(members) <= self.k:
                 raise InputError(
-                    f"{source}: class {label!r} has {len(members)} labelled patient(s), but "
+                    f"{source}: class '{label}' has {len(members)} labelled patient(s), but "
                     f"{self.k}-shot training needs more than {self.k} to leave some for evaluation; "
                     "lower k"
                 )

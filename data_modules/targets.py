@@ -175,7 +175,9 @@ class ClassTargets(Targets):
                 f"which is not one of the configured classes {names}; add it to classes"
             )
         index = np.array([names.index(v) if ok else -1 for v, ok in zip(labels, valid)], dtype=np.int64)
-        return TargetData({keys.LABEL: torch.as_tensor(index)}, valid, index, {"classes": names})
+        # Stratify on the class names so that split messages can name the class.
+        strata = np.where(valid, labels, "").astype(str)
+        return TargetData({keys.LABEL: torch.as_tensor(index)}, valid, strata, {"classes": names})
 
     def info(self, data, train_index, source):
         classes = data.meta["classes"]

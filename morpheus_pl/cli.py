@@ -73,14 +73,22 @@ class MorpheusCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_model_arguments(config.get("model"))
 
+        data = config.get("data")
+        data_args = data.get("init_args") if data is not None else None
+        if data_args is None:
+            return
+
         # Evaluating or resuming a checkpoint reuses the data state saved in it.
         ckpt_path = config.get("ckpt_path")
-        data = config.get("data")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or data is None:
-            return
-        init_args = data.get("init_args")
-        if init_args is not None and "restore_from" in init_args and not init_args.get("restore_from"):
-            init_args["restore_from"] = str(ckpt_path)
+        keywords = ("last", "best", "hpc", "registry")
+        if ckpt_path and ckpt_path not in keywords and "restore_from" in data_args:
+            data_args["restore_from"] = data_args.get("restore_from") or str(ckpt_path)
+
+        # Fine-tuning reuses the features and groups the pre-trained tokenizers expect.
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        pretrained = model_args.get("pretrained")
+        if pretrained and "features_from" in data_args and not data_args.get("features_from"):
+            data_args["features_from"] = str(pretrained)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # The always-configured checkpoint callback must not block enable_checkpointing: false.

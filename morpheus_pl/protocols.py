@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -65,12 +66,16 @@ def config_split(config: dict[str, Any], class_name: str) -> dict[str, Any]:
 
 
 def override(key: str, value: Any) -> str:
-    """Format one command-line override; values are JSON so that lists and dicts pass."""
-    return f"--{key}={json.dumps(value)}"
+    """Format one command-line override: strings as they are, other values as JSON."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"--{key}={text}"
 
 
-def fit_and_test(args: list[str], run_dir: Path) -> tuple[dict[str, float], str]:
+def fit_and_test(args: list[str], run_dir: Path, keep_checkpoints: bool = False) -> tuple[dict[str, float], str]:
     """Fit one run from command-line style ``args``, then test its final weights.
+
+    Without ``keep_checkpoints`` no checkpoint is written; with it, only the final
+    weights (``last.ckpt``, without optimiser state).
 
     Returns the test metrics and the resolved config as YAML.
     """
@@ -82,12 +87,21 @@ def fit_and_test(args: list[str], run_dir: Path) -> tuple[dict[str, float], str]
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(run_dir), "name": "", "version": ""},
     }
+    if keep_checkpoints:
+        checkpoints = ["--checkpoint.save_top_k=0", "--checkpoint.save_weights_only=true"]
+    else:
+        checkpoints = ["--trainer.enable_checkpointing=false"]
     cli = MorpheusCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=[*args, override("trainer.logger", logger), f"--trainer.default_root_dir={run_dir}"],
+        args=[
+            *args,
+            override("trainer.logger", logger),
+            f"--trainer.default_root_dir={run_dir}",
+            *checkpoints,
+        ],
         run=False,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -227,6 +241,11 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("-c", "--config", required=True, help="experiment config (YAML)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<protocol>/<config>-<time>)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="save each run's final weights (last.ckpt, no optimiser state); by default none are kept",
+    )
     if protocol == "cv":
         parser.add_argument("--folds", type=int, default=None, help="number of folds (default: the config's KFold n_folds, else 5)")
         parser.add_argument("--group-column", default=None, help="cohort column whose values never straddle folds")
@@ -264,8 +283,9 @@ def main(argv: list[str]) -> None:
         title = f"{k}-shot, {options.samplings} samplings of {options.config}"
     else:
         for number, combination in enumerate(parse_grid(options.grid)):
-            labels = {key: json.dumps(value) for key, value in combination.items()}
+            labels = {key: str(value) for key, value in combination.items()}
             overrides_of_run = [override(key, value) for key, value in combination.items()]
             runs.append(Run(labels, overrides_of_run, f"run{number:03d}"))
         title = f"sweep of {options.config} over {options.grid}"
-    run_all(runs, base_args, out, title, command)
+    runner = functools.partial(fit_and_test, keep_checkpoints=options.keep_checkpoints)
+    run_all(runs, base_args, out, title, command, runner)

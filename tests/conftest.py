@@ -94,3 +94,56 @@ def write_config(path: Path, cohort: SyntheticCohort, root_dir: Path, max_epochs
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def run_cli(*args: str, timeout: int = 600):
+    """Run ``python -m morpheus_pl`` with arguments; return the completed process."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "morpheus_pl", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(tiny_cohort, tmp_path_factory) -> Path:
+    """``last.ckpt`` of a one-epoch pre-training run on the tiny cohort."""
+    root = tmp_path_factory.mktemp("pretrain")
+    config = write_config(root / "c.yaml", tiny_cohort, root / "runs", max_epochs=1)
+    result = run_cli("fit", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def write_task_config(
+    path: Path, cohort: SyntheticCohort, root_dir: Path, model: dict, targets: dict, split: dict, max_epochs: int = 1
+) -> Path:
+    """Write a small downstream config for the CLI."""
+    model = {
+        "class_path": model["class_path"],
+        "init_args": {"width": 16, "num_prototypes": 4, "heads": 2, "mlp_dim": 16, "warmup_epochs": 0, **model.get("init_args", {})},
+    }
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "max_epochs": max_epochs,
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(root_dir),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(root_dir), "name": "task"},
+            },
+        },
+        "model": model,
+        "data": {
+            "class_path": "data_modules.MorpheusDataModule",
+            "init_args": data_init_args(cohort, split=split, targets=targets),
+        },
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
