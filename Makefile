@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= .cache/demo/lgg
 PYTEST_ARGS ?=
 
-.PHONY: env demo demo-data test test-slow bench clean
+.PHONY: env demo demo-data test test-slow clean
 
 env: $(VENV)/.installed
 

@@ -1,4 +1,4 @@
-"""How patients are divided into training, validation and test sets.
+"""Split strategies: the division of patients into training, validation and test sets.
 
 A split strategy is configured in YAML by ``class_path`` under ``data.split``. It
 works on patients, never on slides, so all slides of a patient land on the same side.
@@ -77,7 +77,7 @@ class RandomSplit(SplitStrategy):
         if strata is None:
             order = rng.permutation(n)
         else:
-            # Spread each stratum evenly over [0, 1), so any prefix of the order holds
+            # Spread each stratum evenly over [0, 1), so any prefix of the order contains
             # every stratum in proportion to its size.
             key = np.empty(n)
             for label in np.unique(strata):

@@ -1,9 +1,9 @@
 """Per-patient labels of downstream tasks, read from the cohort table.
 
 A target is configured in YAML by ``class_path`` under ``data.targets``. It reads its
-columns, says which patients have a usable label, gives the labels to stratify splits
-on, and derives from the training split what the model needs to know about the labels
-(survival time bins, class names), which the CLI links into the model.
+columns, marks which patients have a usable label and gives the labels to stratify
+splits on. From the training split it derives what the model needs to know about the
+labels (survival time bins, class names), which the CLI links into the model.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ ARCHITECTURE_KEYS = (
 
 @dataclass
 class LoadReport:
-    """Which tensors of a module came from a checkpoint."""
+    """Record of the tensors a module loaded from a checkpoint, skipped or left new."""
 
     source: str
     loaded: list[str] = field(default_factory=list)

@@ -4,7 +4,7 @@
 ``sweep`` runs the Cartesian product of config values. Each run is an ordinary
 ``fit`` from the same config (with the protocol's overrides), followed by ``test``
 on the final weights. The table has one row per run, then the mean, the standard
-deviation and the count of non-NaN values per metric; it is written as CSV and
+deviation and the count of non-NaN values per metric. It is written as CSV and
 markdown beside the resolved config, the exact command and the git revision.
 """
 

@@ -133,3 +133,14 @@ def test_features_from_reuses_pretraining_groups(tiny_cohort, pretrained_checkpo
     assert dm.modality_specs["dnam"]["groups"] == source.hparams.modalities["dnam"]["groups"]
     task = task_of(dm, pretrained=str(pretrained_checkpoint))
     assert "tokenizers.dnam.mlp.0.weight" in task.load_report.loaded
+
+
+def test_features_from_rejects_data_without_its_features(own_cohort, pretrained_checkpoint):
+    import anndata as ad
+
+    adata = ad.read_h5ad(own_cohort.omics["rna"])
+    adata[:, [n for n in adata.var_names if n != "RNA3"]].copy().write_h5ad(own_cohort.omics["rna"])
+    dm = labelled_datamodule(own_cohort, SurvivalTargets())
+    dm.features_from = str(pretrained_checkpoint)
+    with pytest.raises(InputError, match=r"rna\.h5ad \(modality 'rna'\) lacks 1 of the 36 features of the checkpoint \(for example \['RNA3'\]\)"):
+        dm.setup()

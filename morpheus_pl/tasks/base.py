@@ -42,8 +42,8 @@ class DownstreamTask(pl.LightningModule):
             replace ``width`` to ``group_embeddings`` below, and its features and
             groups must equal the data's.
         freeze_encoder: Train only the head on a frozen encoder (linear probing).
-        input_modalities: Omics modalities the encoder sees besides the slide, at
-            training and evaluation; None uses every modality of the data, ``[]`` the
+        input_modalities: Omics modalities given to the encoder besides the slide, at
+            training and evaluation. None uses every modality of the data, ``[]`` the
             slide only.
         eval_modalities: Omics modalities at evaluation, a subset of
             ``input_modalities``; None uses ``input_modalities``.

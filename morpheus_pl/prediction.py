@@ -1,0 +1,233 @@
+"""Writing predictions: reconstructed omics and patient embeddings as AnnData files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from morpheus_pl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SLIDE = "slide"
+
+
+class PredictionRequest:
+    """What a prediction pass encodes and reconstructs.
+
+    Attributes:
+        inputs: Omics modalities given to the encoder with the slide.
+        targets: Modalities to reconstruct.
+        token_outputs: Also return the encoder outputs at the slide and omics tokens.
+    """
+
+    def __init__(self, inputs: Sequence[str], targets: Sequence[str], token_outputs: bool = False) -> None:
+        self.inputs = list(inputs)
+        self.targets = list(targets)
+        self.token_outputs = token_outputs
+
+
+def resolve_request(
+    inputs: Sequence[str] | None,
+    targets: Sequence[str] | None,
+    modalities: Sequence[str],
+    decoders: Sequence[str],
+    token_outputs: bool = False,
+) -> PredictionRequest:
+    """Check requested inputs and targets against the checkpoint.
+
+    Args:
+        inputs: Requested inputs; must contain ``slide``. None means the slide only.
+        targets: Requested targets; None means every modality with a decoder that is
+            not an input.
+        modalities: Omics modalities of the checkpoint.
+        decoders: Modalities the checkpoint has a decoder for.
+        token_outputs: Also return token outputs.
+    """
+    inputs = [SLIDE] if inputs is None else list(inputs)
+    if SLIDE not in inputs:
+        raise InputError(
+            f"prediction inputs {inputs} do not include the slide: MORPHEUS always encodes the "
+            "slide, so add 'slide' to the inputs"
+        )
+    omics_inputs = [m for m in inputs if m != SLIDE]
+    unknown = sorted(set(omics_inputs) - set(modalities))
+    if unknown:
+        raise InputError(
+            f"prediction inputs {unknown} are not modalities of the checkpoint ({sorted(modalities)})"
+        )
+    if targets is None:
+        targets = [m for m in decoders if m not in omics_inputs]
+    no_decoder = sorted(set(targets) - set(decoders))
+    if no_decoder:
+        raise InputError(
+            f"the checkpoint has no decoder for target modalities {no_decoder}; it reconstructs "
+            f"{sorted(decoders)}"
+        )
+    both = sorted(set(targets) & set(omics_inputs))
+    if both:
+        raise InputError(
+            f"modalities {both} are both inputs and targets; a target is reconstructed without "
+            "its own values, so remove it from the inputs"
+        )
+    return PredictionRequest(omics_inputs, list(targets), token_outputs)
+
+
+def write_h5ad(adata: ad.AnnData, path: Path) -> None:
+    """Write an AnnData file atomically: to a temporary file, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad", dir=path.parent)
+    os.close(handle)
+    try:
+        adata.write_h5ad(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class ReconstructionWriter(BasePredictionWriter):
+    """Write the ``predict`` outputs: one ``.h5ad`` per target modality and embeddings.
+
+    ``<target>.h5ad`` has the patients as ``obs`` (with ``split``, the ``inputs_used``
+    per patient and whether the target was ``measured``), the features as ``var`` in
+    the checkpoint's order, the reconstruction in ``X`` and the measured values in the
+    ``measured`` layer (NaN where unknown), both in the units of the input file.
+    ``embeddings.h5ad`` has the patient embeddings in ``obsm["X_morpheus"]`` and, with
+    ``token_outputs``, the encoder outputs at the slide tokens (``obsm["slide_tokens"]``,
+    shaped ``(n, P, width)``) and at each input modality's tokens.
+
+    Args:
+        output_dir: Folder for the files; None writes to ``<log dir>/predictions``.
+        inputs: Inputs of the encoder: ``slide`` plus any omics modalities.
+        targets: Modalities to reconstruct; None reconstructs every modality with a
+            decoder that is not an input.
+        token_outputs: Also write the encoder outputs at the tokens.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        inputs: list[str] | None = None,
+        targets: list[str] | None = None,
+        token_outputs: bool = False,
+    ) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+        self.inputs = inputs
+        self.targets = targets
+        self.token_outputs = token_outputs
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise InputError(f"{type(pl_module).__name__} does not reconstruct omics; predict with a pre-training checkpoint")
+        pl_module.prediction_request = resolve_request(
+            self.inputs, self.targets, model.modalities, list(model.decoders), self.token_outputs
+        )
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        request: PredictionRequest = pl_module.prediction_request
+        if not predictions:
+            log.warning("prediction produced no batch; nothing written")
+            return
+        merged = merge_outputs(predictions)
+        out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "predictions"
+        if trainer.world_size > 1:
+            # NOTE: each process writes the patients it predicted into its own folder.
+            out = out / f"rank{trainer.global_rank}"
+
+        datamodule = trainer.datamodule
+        split_of = patient_splits(datamodule)
+        obs = pd.DataFrame(index=pd.Index(merged["patient_id"], name="patient_id"))
+        obs["split"] = [split_of.get(p, "none") for p in obs.index]
+        present = {m: merged["present"][m].numpy().astype(bool) for m in merged["present"]}
+        used = [
+            "+".join([SLIDE, *[m for m in request.inputs if present[m][i]]]) for i in range(len(obs))
+        ]
+        obs["inputs_used"] = used
+        info = {
+            "inputs": [SLIDE, *request.inputs],
+            "checkpoint": str(getattr(trainer, "ckpt_path", None) or ""),
+            "config": str(Path(trainer.log_dir) / "config.yaml") if trainer.log_dir else "",
+            "units": "those of the input file (the training scaling is inverted)",
+        }
+
+        for m in request.targets:
+            features = list(pl_module.hparams.modalities[m]["features"])
+            reconstruction = unscale(datamodule, m, merged["reconstructions"][m].numpy())
+            measured = unscale(datamodule, m, merged["measured"][m].numpy())
+            target_obs = obs.copy()
+            target_obs["measured"] = present[m]
+            adata = ad.AnnData(
+                X=reconstruction.astype(np.float32),
+                obs=target_obs,
+                var=pd.DataFrame(index=pd.Index(features, name="feature")),
+                layers={"measured": measured.astype(np.float32)},
+            )
+            adata.uns["morpheus"] = {**info, "target": m}
+            write_h5ad(adata, out / f"{m}.h5ad")
+
+        embeddings = ad.AnnData(obs=obs)
+        embeddings.obsm["X_morpheus"] = merged["embedding"].numpy()
+        if request.token_outputs:
+            embeddings.obsm["slide_tokens"] = merged["slide_tokens"].numpy()
+            for m, tokens in merged["omics_tokens"].items():
+                embeddings.obsm[f"{m}_tokens"] = tokens.numpy()
+        embeddings.uns["morpheus"] = info
+        write_h5ad(embeddings, out / "embeddings.h5ad")
+        log.info(
+            "predictions for %d patients written to %s (targets %s)", len(obs), out, request.targets
+        )
+
+
+def merge_outputs(predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate per-batch prediction dicts along the patient axis."""
+    first = predictions[0]
+    merged: dict[str, Any] = {"patient_id": [p for batch in predictions for p in batch["patient_id"]]}
+    for key, value in first.items():
+        if key == "patient_id":
+            continue
+        if isinstance(value, dict):
+            merged[key] = {m: torch.cat([b[key][m] for b in predictions]) for m in value}
+        elif isinstance(value, torch.Tensor):
+            merged[key] = torch.cat([b[key] for b in predictions])
+    return merged
+
+
+def unscale(datamodule: Any, modality: str, values: np.ndarray) -> np.ndarray:
+    """Undo the DataModule's training-split scaling of a modality, if any."""
+    data = getattr(datamodule, "data", None)
+    scaling = None if data is None else data.modalities[modality].scaling
+    if scaling is None:
+        return values
+    return values * scaling.scale + scaling.mean
+
+
+def patient_splits(datamodule: Any) -> dict[str, str]:
+    """Patient id to split name (``train``, ``val``, ``test``; the last one wins)."""
+    data = getattr(datamodule, "data", None)
+    if data is None:
+        return {}
+    names = {}
+    for split in ("train", "val", "test"):
+        for i in data.indices(split):
+            names[data.patients[i]] = split
+    return names
