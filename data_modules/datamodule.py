@@ -67,6 +67,8 @@ class MorpheusDataModule(pl.LightningDataModule):
             scaling replace those fitted here (splits and labels are still computed).
             The CLI sets it from the model's ``pretrained`` argument, because the
             pre-trained tokenizers expect exactly those groups.
+        predict_split: Patients served by ``predict``: every prepared patient
+            (``all``) or one split.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         missing_slides: Literal["error", "drop"] = "error",
         restore_from: str | None = None,
         features_from: str | None = None,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["modalities", "split", "targets"])
@@ -114,6 +117,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         self.missing_slides = missing_slides
         self.restore_from = restore_from
         self.features_from = features_from
+        self.predict_split = predict_split
         self._data: CohortData | None = None
         self._store: PatchFeatureStore | None = None
 
@@ -166,8 +170,12 @@ class MorpheusDataModule(pl.LightningDataModule):
         _ = self.data
 
     def dataset(self, split: str, train_sampling: bool | None = None) -> PatientBags:
-        """Dataset of one split; ``train_sampling`` draws ``n_patches`` per patient."""
-        index = self.data.indices(split)
+        """Dataset of one split (or ``all`` patients).
+
+        ``train_sampling`` draws ``n_patches`` per patient; by default only the
+        training split does.
+        """
+        index = np.arange(len(self.data.patients)) if split == "all" else self.data.indices(split)
         sampling = split == "train" if train_sampling is None else train_sampling
         return PatientBags(
             store=self.store,
@@ -208,6 +216,11 @@ class MorpheusDataModule(pl.LightningDataModule):
             multiprocessing_context=context,
         )
 
+    def split_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Loader of whole bags of one split (or ``all``), in patient order."""
+        dataset = self.dataset(split, train_sampling=False)
+        return self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
 
@@ -222,6 +235,11 @@ class MorpheusDataModule(pl.LightningDataModule):
                 "the validate command"
             )
         return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_split != "all" and len(self.data.indices(self.predict_split)) == 0:
+            raise InputError(f"the {self.predict_split} split of {self.cohort} is empty; set predict_split")
+        return self.split_dataloader(self.predict_split)
 
     def state_dict(self) -> dict[str, Any]:
         """Splits, features, groups, scaling and label facts, saved in checkpoints."""

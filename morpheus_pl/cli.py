@@ -19,8 +19,10 @@ import data_modules.datamodule  # noqa: F401
 import morpheus_pl.pretraining  # noqa: F401
 import morpheus_pl.tasks  # noqa: F401
 from morpheus_pl.errors import InputError
+from morpheus_pl.prediction import ReconstructionWriter
 from morpheus_pl.protocols import PROTOCOLS
 from morpheus_pl.protocols import main as run_protocol
+from morpheus_pl.report import main as run_report
 
 
 class MorpheusCLI(LightningCLI):
@@ -29,10 +31,22 @@ class MorpheusCLI(LightningCLI):
     ``data.feature_dim`` becomes ``model.init_args.patch_dim`` and
     ``data.modality_specs`` becomes ``model.init_args.modalities`` once the DataModule
     is built, so configs never repeat sizes that the data determine. A
-    ``ModelCheckpoint`` (with ``last.ckpt``) is always configured under ``checkpoint``.
+    ``ModelCheckpoint`` (with ``last.ckpt``) is always configured under ``checkpoint``,
+    and ``predict`` always writes its outputs with a ``ReconstructionWriter`` configured
+    under ``prediction``.
     """
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # Remember which subcommand is being built: only predict gets the writer options.
+        self._building = subcommand
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self._building = None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if getattr(self, "_building", None) == "predict":
+            parser.add_lightning_class_args(ReconstructionWriter, "prediction")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -128,6 +142,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv and argv[0] in PROTOCOLS:
             run_protocol(argv)
+            return
+        if argv and argv[0] == "report":
+            run_report(argv)
             return
         MorpheusCLI(
             LightningModule,

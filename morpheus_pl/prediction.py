@@ -24,7 +24,7 @@ SLIDE = "slide"
 
 
 class PredictionRequest:
-    """What a prediction pass encodes and reconstructs.
+    """Inputs and targets of a prediction pass.
 
     Attributes:
         inputs: Omics modalities given to the encoder with the slide.
@@ -100,10 +100,10 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> None:
 class ReconstructionWriter(BasePredictionWriter):
     """Write the ``predict`` outputs: one ``.h5ad`` per target modality and embeddings.
 
-    ``<target>.h5ad`` has the patients as ``obs`` (with ``split``, the ``inputs_used``
-    per patient and whether the target was ``measured``), the features as ``var`` in
-    the checkpoint's order, the reconstruction in ``X`` and the measured values in the
-    ``measured`` layer (NaN where unknown), both in the units of the input file.
+    ``<target>.h5ad`` has the patients as ``obs``, with ``split``, the ``inputs_used``
+    per patient and whether the target was ``measured``. Its ``var`` lists the features
+    in the checkpoint's order. ``X`` holds the reconstruction and the ``measured`` layer
+    the measured values (NaN where unknown), both in the units of the input file.
     ``embeddings.h5ad`` has the patient embeddings in ``obsm["X_morpheus"]`` and, with
     ``token_outputs``, the encoder outputs at the slide tokens (``obsm["slide_tokens"]``,
     shaped ``(n, P, width)``) and at each input modality's tokens.

@@ -16,6 +16,8 @@ from morpheus_pl.errors import InputError
 from morpheus_pl.metrics import FeaturePearson
 from morpheus_pl.nn import Morpheus, ReconstructionOutput, masked_group_l1
 from morpheus_pl.optim import adamw_warmup_cosine
+from morpheus_pl.prediction import resolve_request
+from morpheus_pl.reconstruction import predict
 
 EVAL_STAGES = ("val", "test")
 
@@ -228,6 +230,36 @@ class MaskedOmicsPretraining(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Embed each patient and reconstruct the requested targets.
+
+        The request (inputs and targets) is set by the ``ReconstructionWriter``; without
+        one, the slide alone is the input and every modality is a target.
+        """
+        request = getattr(self, "prediction_request", None)
+        if request is None:
+            request = resolve_request(None, None, self.model.modalities, list(self.model.decoders))
+        out = predict(
+            self.model,
+            batch[keys.PATCHES],
+            batch.get(keys.PATCH_MASK),
+            batch[keys.OMICS],
+            batch[keys.OMICS_PRESENT],
+            request.inputs,
+            request.targets,
+        )
+        result: dict[str, Any] = {
+            "patient_id": list(batch[keys.PATIENT_ID]),
+            "embedding": out.embedding.float().cpu(),
+            "reconstructions": {m: v.float().cpu() for m, v in out.reconstructions.items()},
+            "measured": {m: batch[keys.OMICS][m].float().cpu() for m in request.targets},
+            "present": {m: v.cpu() for m, v in batch[keys.OMICS_PRESENT].items()},
+        }
+        if request.token_outputs:
+            result["slide_tokens"] = out.slide_tokens.float().cpu()
+            result["omics_tokens"] = {m: v.float().cpu() for m, v in out.omics_tokens.items()}
+        return result
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

@@ -2,12 +2,12 @@
 
 ``python -m morpheus_pl report --config <data config> --ckpt_path <pre-training ckpt>``
 reconstructs every target modality from the slide alone, the slide plus each other
-modality, and the slide plus all other modalities. For each row it reports the
-median and interquartile range over features of the per-feature Pearson and Spearman
-r between reconstruction and measurement, over all features and over features whose
-standard deviation exceeds a threshold, beside a baseline fitted on the training split
-from the same inputs (ridge regression from the input omics; the training mean when
-the slide is the only input, whose r is undefined).
+modality, and the slide plus all other modalities. Each row gives the median and
+interquartile range over features of the per-feature Pearson and Spearman r between
+reconstruction and measurement. It gives them over all features and over features
+whose standard deviation exceeds a threshold. Beside them stands a baseline fitted on
+the training split from the same inputs: ridge regression from the input omics, or the
+training mean when the slide is the only input (whose r is undefined).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def cell(median: float, q1: float, q3: float) -> str:
 
 
 def compact(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as printed: median [Q1, Q3] per metric, model beside baseline."""
+    """Format the table for reading: median [Q1, Q3] per metric, model beside baseline."""
     rows = []
     for _, r in table.iterrows():
         rows.append(
