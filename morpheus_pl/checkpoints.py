@@ -35,8 +35,11 @@ class LoadReport:
     skipped: dict[str, str] = field(default_factory=dict)
     new: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        """Return a few lines grouping tensor names by their first two name parts."""
+    def summary(self, also_new: str = "") -> str:
+        """Return a few lines grouping tensor names by their first two name parts.
+
+        ``also_new`` names modules outside the report that start untrained (a head).
+        """
 
         def grouped(names: Sequence[str]) -> str:
             counts = Counter(".".join(n.split(".")[:2]) for n in names)
@@ -52,6 +55,7 @@ class LoadReport:
             f"  loaded {len(self.loaded)} tensors: {grouped(self.loaded)}\n"
             f"  skipped {len(self.skipped)} tensors: {skipped or 'none'}\n"
             f"  left new {len(self.new)} tensors: {grouped(self.new)}"
+            + (f"; also new: {also_new}" if also_new else "")
         )
 
 

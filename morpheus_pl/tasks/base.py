@@ -135,7 +135,7 @@ class DownstreamTask(pl.LightningModule):
             )
             report = load_encoder(self.encoder, checkpoint["state_dict"], "model.", pretrained, skip)
             self.load_report = report
-            rank_zero_info(report.summary() + "\n  left new: the task head")
+            rank_zero_info(report.summary(also_new="the task head"))
         self.head_dropout = nn.Dropout(dropout)
         self.head = self.configure_head(architecture["width"], target_info)
         if freeze_encoder:
