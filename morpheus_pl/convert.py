@@ -34,11 +34,18 @@ def _slides_parser() -> argparse.ArgumentParser:
             "interrupted conversion: slides already complete in the store are skipped."
         ),
     )
-    parser.add_argument("--src", type=Path, required=True, help="folder of slide files")
-    parser.add_argument("--out", type=Path, required=True, help="store to create or extend (a .zarr folder)")
+    parser.add_argument("--src", type=Path, required=True, metavar="DIR", help="folder of slide files")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="STORE.zarr",
+        help="store to create or extend (a .zarr folder)",
+    )
     parser.add_argument(
         "--encoder",
         default=None,
+        metavar="NAME",
         help="patch encoder name stored with the features (for example uni2-h); required when "
         "the files declare none, and must equal the files' name when they declare one",
     )
@@ -46,12 +53,14 @@ def _slides_parser() -> argparse.ArgumentParser:
         "--slide-table",
         type=Path,
         default=None,
+        metavar="TABLE",
         help="CSV, TSV or parquet with slide_id and patient_id columns; without it the patient "
         "is the TCGA barcode in the slide id (TCGA-XX-XXXX)",
     )
     parser.add_argument(
         "--pattern",
         default=None,
+        metavar="GLOB",
         help="glob relative to --src selecting the slide files (for example '*.h5' or "
         "'**/*.h5'); default: the .h5, .hdf5 and .pt files directly in --src",
     )
@@ -59,6 +68,7 @@ def _slides_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=None,
+        metavar="N",
         help="base seed of the per-slide row permutations (default 1999, or the existing "
         "store's); each slide's seed is derived from it and the slide id",
     )
@@ -89,9 +99,15 @@ def _omics_parser() -> argparse.ArgumentParser:
             "Every step is recorded in uns['preprocessing']."
         ),
     )
-    parser.add_argument("--modality", required=True, help="modality name (for example rna, dnam, cnv)")
-    parser.add_argument("--src", type=Path, required=True, help="matrix file (.tsv, .tsv.gz, .csv, ...)")
-    parser.add_argument("--out", type=Path, required=True, help="output .h5ad file, replaced if present")
+    parser.add_argument(
+        "--modality", required=True, metavar="NAME", help="modality name (for example rna, dnam, cnv)"
+    )
+    parser.add_argument(
+        "--src", type=Path, required=True, metavar="MATRIX", help="matrix file (.tsv, .tsv.gz, .csv, ...)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="NAME.h5ad", help="output .h5ad file, replaced if present"
+    )
     parser.add_argument(
         "--orientation",
         choices=ORIENTATIONS,
@@ -100,11 +116,14 @@ def _omics_parser() -> argparse.ArgumentParser:
         "per sample) or samples-by-features",
     )
 
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default="none", help=f"value transform. {recipes}")
+    parser.add_argument(
+        "--recipe", choices=tuple(RECIPES), default="none", help=f"value transform. {recipes}"
+    )
     parser.add_argument(
         "--max-missing",
         type=float,
         default=0.1,
+        metavar="FRACTION",
         help="methylation recipe: drop probes missing in more than this fraction of the "
         "patients (default 0.1)",
     )
@@ -135,38 +154,49 @@ def _omics_parser() -> argparse.ArgumentParser:
         "--cohort",
         type=Path,
         default=None,
+        metavar="TABLE",
         help="cohort table (CSV, TSV or parquet); only its patients are kept, and a matrix "
         "matching none of them is an error",
     )
     parser.add_argument(
-        "--patient-column", default="patient_id", help="patient id column of --cohort (default patient_id)"
+        "--patient-column",
+        default="patient_id",
+        metavar="NAME",
+        help="patient id column of --cohort (default patient_id)",
     )
 
     parser.add_argument(
         "--annotation",
         type=Path,
         default=None,
+        metavar="TABLE",
         help="feature annotation table (tab-separated unless .csv or .parquet; a UCSC Xena "
         "probeMap works as is) that fills var['chrom'], var['start'] and, when present, "
         "var['symbol']",
     )
     parser.add_argument(
-        "--annotation-id-column", default=None, help="feature id column of --annotation (default: the first)"
+        "--annotation-id-column",
+        default=None,
+        metavar="NAME",
+        help="feature id column of --annotation (default: the first)",
     )
     parser.add_argument(
         "--annotation-chrom-column",
         default=None,
+        metavar="NAME",
         help="chromosome column (default: the first of chrom, chromosome, chr, seqname)",
     )
     parser.add_argument(
         "--annotation-start-column",
         default=None,
+        metavar="NAME",
         help="start position column in base pairs (default: the first of chromStart, start, "
         "chrom_start, start_position)",
     )
     parser.add_argument(
         "--annotation-symbol-column",
         default=None,
+        metavar="NAME",
         help="gene symbol column copied to var['symbol'] (default: the first of gene, symbol, "
         "gene_name, gene_symbol, if any)",
     )

@@ -17,7 +17,7 @@ the transpose (``samples-by-features``). The conversion:
 
 Every step and its parameters are recorded in ``adata.uns["preprocessing"]``:
 ``steps`` lists the steps that changed values or features in order, and each has an
-entry of the same name with its parameters. ``samples`` holds the sample report and
+entry of the same name with its parameters. ``samples`` contains the sample report and
 ``annotation`` the annotation report.
 """
 
@@ -286,7 +286,9 @@ def read_omics_matrix(path: str | os.PathLike[str], orientation: Orientation) ->
         ) from None
     except ValueError as error:
         if isinstance(error, pd.errors.ParserError):
-            raise InputError(f"{path}: malformed matrix ({error}); every row needs {len(names)} cells") from error
+            raise InputError(
+                f"{path}: malformed matrix ({error}); every row needs {len(names)} cells"
+            ) from error
         # A cell is not a number: read it again as text to name the cell.
         frame = pd.read_csv(path, dtype=str, **options)
         frame.columns = names[1:]
@@ -296,7 +298,9 @@ def read_omics_matrix(path: str | os.PathLike[str], orientation: Orientation) ->
     frame.columns = names[1:]
     if frame.index.isna().any():
         row = int(np.flatnonzero(frame.index.isna())[0])
-        raise InputError(f"{path}: missing id in the first column of data row {row + 1}; fill or drop the row")
+        raise InputError(
+            f"{path}: missing id in the first column of data row {row + 1}; fill or drop the row"
+        )
     return OmicsMatrix.from_frame(frame, str(path), orientation)
 
 
@@ -453,7 +457,10 @@ def select_samples(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features of a patient stay NaN
         for row, rows in enumerate(chosen):
-            values[row] = matrix.values[rows[0]] if len(rows) == 1 else np.nanmean(matrix.values[rows], axis=0)
+            if len(rows) == 1:
+                values[row] = matrix.values[rows[0]]
+            else:
+                values[row] = np.nanmean(matrix.values[rows], axis=0)
     kept_ids = [";".join(samples[i] for i in rows) for rows in chosen]
     out = OmicsMatrix(values, pd.Index(list(rows_by_patient)), matrix.features, source)
 
@@ -483,8 +490,12 @@ def _first_cell(matrix: OmicsMatrix, mask: np.ndarray) -> str:
     return f"patient {matrix.samples[row]!r}, feature {matrix.features[col]!r}"
 
 
-def apply_recipe(matrix: OmicsMatrix, options: OmicsOptions, modality: str) -> tuple[OmicsMatrix, dict[str, Any] | None]:
-    """Apply ``options.recipe``; return the new matrix and the step's parameters (None for ``none``).
+def apply_recipe(
+    matrix: OmicsMatrix, options: OmicsOptions, modality: str
+) -> tuple[OmicsMatrix, dict[str, Any] | None]:
+    """Apply ``options.recipe``; return the new matrix and the step's parameters.
+
+    The parameters are None for the recipe ``none``.
 
     Raises:
         InputError: Negative values for ``log2p1`` or ``copy-number``, or no probe left
@@ -730,7 +741,8 @@ def convert_omics_matrix(
 
     var = pd.DataFrame(index=matrix.features) if var is None else var.loc[matrix.features].copy()
     if annotation is not None:
-        var, params = annotate(var, annotation, annotation_columns or AnnotationColumns(), annotation_source, modality)
+        columns = annotation_columns or AnnotationColumns()
+        var, params = annotate(var, annotation, columns, annotation_source, modality)
         report.add("annotation", params, step=False)
 
     adata = ad.AnnData(

@@ -53,7 +53,7 @@ DEFAULT_SEED = 1999
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 LAYOUTS_EXPECTED = (
     "an HDF5 file (.h5, .hdf5) with a dataset 'features' shaped (N, D) or (1, N, D) and "
-    "an optional dataset 'coords' shaped (N, 2) or (1, N, 2), or a .pt file holding such a "
+    "an optional dataset 'coords' shaped (N, 2) or (1, N, 2), or a .pt file containing such a "
     "tensor or a dict with 'features' and optional 'coords'"
 )
 _TCGA_PATIENT = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}")
@@ -409,7 +409,10 @@ def scan_slide_file(path: Path, src: Path, patients: Mapping[str, str] | None) -
         with _open_hdf5(path) as handle:
             features, coords = _hdf5_datasets(path, handle)
             n, dim = _check_shapes(path, features.shape, None if coords is None else coords.shape)
-            attrs = {"file": _scalar_attrs(handle.attrs.items()), "features": _scalar_attrs(features.attrs.items())}
+            attrs = {
+                "file": _scalar_attrs(handle.attrs.items()),
+                "features": _scalar_attrs(features.attrs.items()),
+            }
             if coords is not None:
                 attrs["coords"] = _scalar_attrs(coords.attrs.items())
             layout = f"hdf5 features {tuple(features.shape)}" + (" with coords" if coords is not None else "")
@@ -492,7 +495,9 @@ def read_slide_table(path: str | os.PathLike[str]) -> dict[str, str]:
     empty = slides.isna() | (slides == "") | patients.isna() | (patients == "")
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
-        raise InputError(f"{path}: empty slide_id or patient_id at data row {row + 1}; fill it or drop the row")
+        raise InputError(
+            f"{path}: empty slide_id or patient_id at data row {row + 1}; fill it or drop the row"
+        )
     repeated = slides[slides.duplicated()]
     if not repeated.empty:
         raise InputError(
@@ -538,7 +543,7 @@ def open_store(
         The store (mode ``"a"``) and its base seed.
 
     Raises:
-        InputError: The path holds something else, or a store that does not match.
+        InputError: The path contains something else, or a store that does not match.
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -634,7 +639,9 @@ def scan_slide_files(
     scanned: list[SlideFile] = []
     skipped: list[tuple[str, str]] = []
     problems: list[str] = []
-    for path in tqdm(files, desc="pre-scan", unit="file", leave=False, disable=not progress or len(files) < 100):
+    # A bar only for long lists, because the pre-scan reads shapes, not features, of HDF5 files.
+    quiet = not progress or len(files) < 100
+    for path in tqdm(files, desc="pre-scan", unit="file", leave=False, disable=quiet):
         try:
             scanned.append(scan_slide_file(path, src, patients))
         except EmptySlideFileError as error:
