@@ -44,6 +44,15 @@ FORMAT_VERSION = 1
 _SLIDE_ID = re.compile(r"^[^/\\\s.][^/\\]*$")
 
 
+def validate_slide_id(slide_id: str) -> None:
+    """Raise InputError unless ``slide_id`` can name a slide group in the store."""
+    if not _SLIDE_ID.match(slide_id):
+        raise InputError(
+            f"invalid slide id {slide_id!r}: ids must not contain '/' or '\\' nor start "
+            "with a dot or whitespace; rename the slide"
+        )
+
+
 @dataclass(frozen=True)
 class SlideInfo:
     """Metadata of one slide in the store."""
@@ -217,11 +226,7 @@ class PatchFeatureStore:
         if self.mode == "r":
             raise RuntimeError(f"{self.path} was opened read-only")
         where = f"slide {slide_id!r}" + (f" ({source})" if source else "")
-        if not _SLIDE_ID.match(slide_id):
-            raise InputError(
-                f"invalid slide id {slide_id!r}: ids must not contain '/' or '\\' nor start "
-                "with a dot or whitespace; rename the slide"
-            )
+        validate_slide_id(slide_id)
         features = np.asarray(features)
         if features.ndim == 3 and features.shape[0] == 1:
             features = features[0]

@@ -36,7 +36,7 @@ import numpy as np
 from data_modules.demo import histology
 from data_modules.demo.omics import WHEEL as OMICS_WHEEL
 from data_modules.demo.omics import build_clinical, build_omics
-from data_modules.feature_store import PatchFeatureStore
+from data_modules.converters.slides import SlideRecord, open_store, write_slide_record
 from morpheus_pl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -112,23 +112,23 @@ def write_store(
 ) -> list[str]:
     """Give each patient a synthetic slide drawn from the patch pool."""
     rng = np.random.default_rng(seed)
-    store = PatchFeatureStore(
-        path, mode="w", feature_dim=pool.shape[1], encoder="mobilenet_v2_imagenet"
-    )
+    store, _ = open_store(path, feature_dim=pool.shape[1], encoder="mobilenet_v2_imagenet", seed=seed)
     slide_ids = []
     for i, patient in enumerate(patients):
         n = int(rng.integers(patch_range[0], patch_range[1] + 1))
         rows = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
         slide_id = f"{patient}-DEMO-DX1"
-        store.write_slide(
+        record = SlideRecord(
             slide_id,
+            patient,
             pool[rows],
             pool_coords[rows],
-            patient_id=patient,
-            seed=seed + i,
             source=SLIDE_MEMBER,
             attrs={"patch_size_level0": patch_size, "synthetic_pairing": True},
+            # Seeds by position, as in earlier builds, so a rebuild gives the same store.
+            seed=seed + i,
         )
+        write_slide_record(store, record, seed)
         slide_ids.append(slide_id)
     return slide_ids
 

