@@ -6,7 +6,7 @@ import importlib
 import logging
 import os
 import sys
-
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -18,6 +18,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import data_modules.datamodule  # noqa: F401
 import morpheus_pl.pretraining  # noqa: F401
 import morpheus_pl.tasks  # noqa: F401
+from morpheus_pl.convert import COMMANDS as CONVERTERS
+from morpheus_pl.convert import main as run_converter
 from morpheus_pl.errors import InputError
 from morpheus_pl.prediction import ReconstructionWriter
 from morpheus_pl.protocols import PROTOCOLS
@@ -131,6 +133,20 @@ def check_model_arguments(model: Any) -> None:
         check(dict(init_args) if init_args is not None else {})
 
 
+#: Commands outside LightningCLI's subcommands, each taking the whole argument list.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    **{name: run_protocol for name in PROTOCOLS},
+    "report": run_report,
+    **{name: run_converter for name in CONVERTERS},
+}
+
+EPILOG = (
+    "more commands: cv, fewshot and sweep (evaluation protocols that end in a table), "
+    "report (reconstruction report of a pre-training checkpoint), convert-slides and "
+    "convert-omics (bring patch features and omics matrices in); add --help to any of them"
+)
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; invalid input ends with its message and exit status 2."""
     # LightningCLI 2.6 calls jsonargparse APIs that warn about deprecation on every run.
@@ -140,11 +156,8 @@ def main(args: list[str] | None = None) -> None:
     )
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] in PROTOCOLS:
-            run_protocol(argv)
-            return
-        if argv and argv[0] == "report":
-            run_report(argv)
+        if argv and argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv)
             return
         MorpheusCLI(
             LightningModule,
@@ -154,6 +167,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
+            parser_kwargs={"epilog": EPILOG},
         )
     except (InputError, MisconfigurationException) as error:
         hint = ""
