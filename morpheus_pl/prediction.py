@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from data_modules.converters.omics import write_h5ad_atomic
 from morpheus_pl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -82,19 +81,6 @@ def resolve_request(
             "its own values, so remove it from the inputs"
         )
     return PredictionRequest(omics_inputs, list(targets), token_outputs)
-
-
-def write_h5ad(adata: ad.AnnData, path: Path) -> None:
-    """Write an AnnData file atomically: to a temporary file, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad", dir=path.parent)
-    os.close(handle)
-    try:
-        adata.write_h5ad(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class ReconstructionWriter(BasePredictionWriter):
@@ -183,7 +169,7 @@ class ReconstructionWriter(BasePredictionWriter):
                 layers={"measured": measured.astype(np.float32)},
             )
             adata.uns["morpheus"] = {**info, "target": m}
-            write_h5ad(adata, out / f"{m}.h5ad")
+            write_h5ad_atomic(adata, out / f"{m}.h5ad")
 
         embeddings = ad.AnnData(obs=obs)
         embeddings.obsm["X_morpheus"] = merged["embedding"].numpy()
@@ -192,7 +178,7 @@ class ReconstructionWriter(BasePredictionWriter):
             for m, tokens in merged["omics_tokens"].items():
                 embeddings.obsm[f"{m}_tokens"] = tokens.numpy()
         embeddings.uns["morpheus"] = info
-        write_h5ad(embeddings, out / "embeddings.h5ad")
+        write_h5ad_atomic(embeddings, out / "embeddings.h5ad")
         log.info(
             "predictions for %d patients written to %s (targets %s)", len(obs), out, request.targets
         )
