@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= .cache/demo/lgg
 PYTEST_ARGS ?=
 
-.PHONY: env demo demo-data test test-slow clean
+.PHONY: env demo demo-data test test-slow bench clean
 
 env: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: env
 
 test-slow: env
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: env
+	$(BIN)/python -m morpheus_pl.benchmarks --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

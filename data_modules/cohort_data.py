@@ -312,8 +312,11 @@ def prepare_cohort(
     if targets is not None:
         labels = targets.read(cohort.table, patients, cohort_path)
         patients, slides, labels = keep_labelled(patients, slides, labels, cohort_path)
-    elif split.needs_strata:
-        raise InputError(f"{type(split).__name__} needs labels: set data.targets")
+    if split.needs_classes and (labels is None or labels.meta.get("strata") != "class"):
+        raise InputError(
+            f"{type(split).__name__} samples patients per class, so it needs class labels: set "
+            "data.targets to data_modules.ClassTargets (for survival, use k-fold cross-validation)"
+        )
 
     if saved is None:
         strata = None if labels is None else labels.strata

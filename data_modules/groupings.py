@@ -234,7 +234,11 @@ def chromosome_rank(value: object) -> int:
     return _CHROM_ORDER.get(name, 100)
 
 
-def _genomic_order(var: pd.DataFrame, chrom: str, start: str, modality: str) -> np.ndarray:
+def _genomic_order(var: pd.DataFrame, chrom: str, start: str, modality: str) -> tuple[np.ndarray, int]:
+    """Return the positions of the placed features in genomic order, and the unplaced count.
+
+    A feature without a chromosome or a numeric start position is unplaced and left out.
+    """
     for column in (chrom, start):
         if column not in var.columns:
             raise InputError(
@@ -242,8 +246,16 @@ def _genomic_order(var: pd.DataFrame, chrom: str, start: str, modality: str) -> 
                 f"available: {list(var.columns)}"
             )
     ranks = var[chrom].map(chromosome_rank).to_numpy()
-    starts = pd.to_numeric(var[start], errors="coerce").to_numpy()
-    return np.lexsort((starts, ranks))
+    starts = pd.to_numeric(var[start], errors="coerce").to_numpy(dtype=float)
+    placed = np.flatnonzero(var[chrom].notna().to_numpy() & np.isfinite(starts))
+    order = placed[np.lexsort((starts[placed], ranks[placed]))]
+    unplaced = len(var) - len(placed)
+    if unplaced:
+        log.warning(
+            "%s: %d feature(s) without %s/%s are left out of the genomic grouping",
+            modality, unplaced, chrom, start,
+        )
+    return order, unplaced
 
 
 class Chunks(TokenGrouping):
@@ -273,19 +285,21 @@ class Chunks(TokenGrouping):
         self.start_column = start_column
 
     def fit(self, var: pd.DataFrame, train_values: np.ndarray, modality: str) -> Groups:
-        if len(var) < self.n_groups:
-            raise InputError(
-                f"{modality}: {len(var)} features cannot fill {self.n_groups} chunks; "
-                "lower n_groups"
-            )
+        unplaced = 0
         if self.order == "genomic":
-            order = _genomic_order(var, self.chrom_column, self.start_column, modality)
+            order, unplaced = _genomic_order(var, self.chrom_column, self.start_column, modality)
         elif self.order == "name":
             order = np.argsort(var.index.astype(str).to_numpy(), kind="stable")
         else:
             order = np.arange(len(var))
+        if len(order) < self.n_groups:
+            raise InputError(
+                f"{modality}: {len(order)} features cannot fill {self.n_groups} chunks; "
+                "lower n_groups"
+            )
         pieces = np.array_split(order, self.n_groups)
-        return Groups([f"chunk_{i:03d}" for i in range(len(pieces))], [p.tolist() for p in pieces])
+        names = [f"chunk_{i:03d}" for i in range(len(pieces))]
+        return Groups(names, [p.tolist() for p in pieces], unplaced)
 
 
 class GenomicBins(TokenGrouping):
@@ -305,16 +319,12 @@ class GenomicBins(TokenGrouping):
         self.start_column = start_column
 
     def fit(self, var: pd.DataFrame, train_values: np.ndarray, modality: str) -> Groups:
-        order = _genomic_order(var, self.chrom_column, self.start_column, modality)
+        order, unplaced = _genomic_order(var, self.chrom_column, self.start_column, modality)
         starts = pd.to_numeric(var[self.start_column], errors="coerce").to_numpy()
         chroms = var[self.chrom_column].astype(str).to_numpy()
         names: list[str] = []
         members: list[list[int]] = []
-        unplaced = 0
         for i in order:
-            if np.isnan(starts[i]):
-                unplaced += 1
-                continue
             name = f"{chroms[i]}:{int(starts[i] // self.bin_size) * self.bin_size}"
             if not names or names[-1] != name:
                 names.append(name)

@@ -30,8 +30,8 @@ SPLIT_NAMES = {
 class SplitStrategy(ABC):
     """Base class of the split strategies."""
 
-    #: Whether the strategy needs per-patient strata (class labels or event flags).
-    needs_strata = False
+    #: Whether the strategy needs class labels (``data.targets`` a classification target).
+    needs_classes = False
 
     @property
     def columns(self) -> list[str]:
@@ -200,7 +200,7 @@ class FewShot(SplitStrategy):
         seed: Base seed.
     """
 
-    needs_strata = True
+    needs_classes = True
 
     def __init__(self, k: int = 5, sampling: int = 0, seed: int = 1999) -> None:
         if k < 1:
@@ -210,8 +210,6 @@ class FewShot(SplitStrategy):
         self.seed = seed
 
     def assign(self, patients, table, strata, source):
-        if strata is None:
-            raise InputError("FewShot needs class labels: set data.targets to a classification target")
         rng = np.random.default_rng(self.seed + self.sampling)
         train = []
         for label in np.unique(strata):

@@ -32,7 +32,8 @@ class TargetData:
         tensors: Batch key to a per-patient tensor (first axis: patients).
         valid: ``(patients,)`` bool, True where the label is usable.
         strata: Per-patient values to stratify splits on, or None.
-        meta: Facts about the labels found while reading (such as class names).
+        meta: Facts about the labels found while reading: class names, and under
+            ``strata`` what the strata are (``class``, ``event``, ``quantile``).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -71,7 +72,8 @@ class SurvivalTargets(Targets):
         event_column: Column of event flags (1 = event, 0 = censored).
         censorship_column: Column of censorship flags (1 = censored, 0 = event), the
             convention of some other tools. Give exactly one of ``event_column`` and
-            ``censorship_column``; the flag is never guessed.
+            ``censorship_column``: neither has a default, so the flag's meaning is
+            never guessed.
         n_bins: Number of discrete time bins for the logistic-hazard loss. Their
             edges are quantiles of the event times of the training split.
     """
@@ -79,10 +81,14 @@ class SurvivalTargets(Targets):
     def __init__(
         self,
         time_column: str = "os_months",
-        event_column: str | None = "os_event",
+        event_column: str | None = None,
         censorship_column: str | None = None,
         n_bins: int = 5,
     ) -> None:
+        # NOTE: jsonargparse 4.53 passes a command-line ``null`` for these nested
+        # options as the string "None"; no real column is named so.
+        event_column = None if event_column in ("None", "null") else event_column
+        censorship_column = None if censorship_column in ("None", "null") else censorship_column
         if (event_column is None) == (censorship_column is None):
             raise InputError(
                 "give exactly one of event_column (1 = event) and censorship_column "
@@ -121,6 +127,7 @@ class SurvivalTargets(Targets):
             },
             valid=valid,
             strata=(event & valid).astype(np.int64),
+            meta={"strata": "event"},
         )
 
     def info(self, data, train_index, source):
@@ -177,7 +184,8 @@ class ClassTargets(Targets):
         index = np.array([names.index(v) if ok else -1 for v, ok in zip(labels, valid)], dtype=np.int64)
         # Stratify on the class names so that split messages can name the class.
         strata = np.where(valid, labels, "").astype(str)
-        return TargetData({keys.LABEL: torch.as_tensor(index)}, valid, strata, {"classes": names})
+        meta = {"classes": names, "strata": "class"}
+        return TargetData({keys.LABEL: torch.as_tensor(index)}, valid, strata, meta)
 
     def info(self, data, train_index, source):
         classes = data.meta["classes"]

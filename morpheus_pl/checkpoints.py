@@ -63,7 +63,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint on the CPU, with a clear error if it is missing."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}; check the path given as pretrained")
+        raise InputError(f"checkpoint not found: {path.resolve()}; check the path")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise InputError(f"{path} is not a Lightning checkpoint (no state_dict or hyper_parameters)")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -21,7 +24,7 @@ import morpheus_pl.tasks  # noqa: F401
 from morpheus_pl.convert import COMMANDS as CONVERTERS
 from morpheus_pl.convert import main as run_converter
 from morpheus_pl.errors import InputError
-from morpheus_pl.prediction import ReconstructionWriter
+from morpheus_pl.prediction import SLIDE, ReconstructionWriter, resolve_request
 from morpheus_pl.protocols import PROTOCOLS
 from morpheus_pl.protocols import main as run_protocol
 from morpheus_pl.report import main as run_report
@@ -88,6 +91,8 @@ class MorpheusCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_model_arguments(config.get("model"))
+        if self.subcommand == "predict":
+            prepare_prediction(config)
 
         data = config.get("data")
         data_args = data.get("init_args") if data is not None else None
@@ -113,6 +118,54 @@ class MorpheusCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def prepare_prediction(config: Any) -> None:
+    """Check the prediction request and choose where ``predict`` writes.
+
+    ``predict`` logs nothing: without ``--prediction.output_dir`` the files go to
+    ``predictions/<time>/`` beside the checkpoint's ``checkpoints/`` folder, and the
+    resolved config is saved there too.
+    """
+    prediction = config.get("prediction")
+    if prediction is None:
+        return
+    # With --ckpt_path, Lightning has already put the checkpoint's hyper-parameters
+    # (the modalities among them) into the model's config.
+    model = config.get("model") or {}
+    model_class = import_class(str(model.get("class_path", "")))
+    if model_class is not None and not issubclass(model_class, morpheus_pl.pretraining.MaskedOmicsPretraining):
+        raise InputError(
+            f"predict embeds patients and reconstructs omics with a pre-training model, not "
+            f"{model_class.__name__}; pass a pre-training config and checkpoint"
+        )
+    model_args = model.get("init_args") or {}
+    modalities = list(model_args.get("modalities") or [])
+    if modalities:
+        resolve_request(prediction.get("inputs"), prediction.get("targets"), modalities, modalities)
+    else:
+        inputs = prediction.get("inputs")
+        if inputs is not None and SLIDE not in inputs:
+            raise InputError(
+                f"prediction inputs {list(inputs)} do not include the slide: MORPHEUS always "
+                "encodes the slide, so add 'slide' to the inputs"
+            )
+    if not prediction.get("output_dir"):
+        ckpt_path = config.get("ckpt_path")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(ckpt_path).resolve().parent.parent if ckpt_path else Path("runs")
+        prediction["output_dir"] = str(base / "predictions" / stamp)
+    config["trainer"]["logger"] = False
+    config["trainer"]["default_root_dir"] = prediction["output_dir"]
+
+
+def import_class(class_path: str) -> type | None:
+    """Import a class from its dotted path; None when it cannot be imported."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 def check_model_arguments(model: Any) -> None:
     """Run the model class's own argument checks before anything is built.
 
@@ -122,11 +175,7 @@ def check_model_arguments(model: Any) -> None:
     """
     if model is None or not model.get("class_path"):
         return
-    module_name, _, class_name = str(model["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        return
+    cls = import_class(str(model["class_path"]))
     check = getattr(cls, "check_arguments", None)
     if callable(check):
         init_args = model.get("init_args")
@@ -147,14 +196,31 @@ EPILOG = (
 )
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the CLI; invalid input ends with its message and exit status 2."""
+def quiet_library_noise() -> None:
+    """Set up logging, without the messages libraries print on every run."""
     # LightningCLI 2.6 calls jsonargparse APIs that warn about deprecation on every run.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Lightning's advertisement for its cloud logger, and a deprecation inside
+    # Lightning 2.6 itself.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage()
+    )
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; invalid input ends with its message and exit status 2."""
+    quiet_library_noise()
     argv = sys.argv[1:] if args is None else list(args)
+    known = {*EXTRA_COMMANDS, *LightningCLI.subcommands()}
+    if argv and not argv[0].startswith("-") and argv[0] not in known:
+        logging.getLogger("morpheus_pl").error(
+            "unknown command %r; choose from %s", argv[0], ", ".join(sorted(known))
+        )
+        sys.exit(2)
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[argv[0]](argv)
@@ -169,6 +235,9 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             parser_kwargs={"epilog": EPILOG},
         )
+    except KeyboardInterrupt:
+        logging.getLogger("morpheus_pl").error("interrupted")
+        sys.exit(130)
     except (InputError, MisconfigurationException) as error:
         hint = ""
         if "gpu" in str(error).lower() and "found" in str(error).lower():

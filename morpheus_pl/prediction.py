@@ -88,14 +88,15 @@ class ReconstructionWriter(BasePredictionWriter):
 
     ``<target>.h5ad`` has the patients as ``obs``, with ``split``, the ``inputs_used``
     per patient and whether the target was ``measured``. Its ``var`` lists the features
-    in the checkpoint's order. ``X`` holds the reconstruction and the ``measured`` layer
+    in the checkpoint's order. ``X`` contains the reconstruction and the ``measured`` layer
     the measured values (NaN where unknown), both in the units of the input file.
     ``embeddings.h5ad`` has the patient embeddings in ``obsm["X_morpheus"]`` and, with
     ``token_outputs``, the encoder outputs at the slide tokens (``obsm["slide_tokens"]``,
     shaped ``(n, P, width)``) and at each input modality's tokens.
 
     Args:
-        output_dir: Folder for the files; None writes to ``<log dir>/predictions``.
+        output_dir: Folder for the files; None writes to ``predictions/<time>/`` beside
+            the checkpoint's ``checkpoints/`` folder.
         inputs: Inputs of the encoder: ``slide`` plus any omics modalities.
         targets: Modalities to reconstruct; None reconstructs every modality with a
             decoder that is not an input.
@@ -135,7 +136,7 @@ class ReconstructionWriter(BasePredictionWriter):
             log.warning("prediction produced no batch; nothing written")
             return
         merged = merge_outputs(predictions)
-        out = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "predictions"
+        out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
         if trainer.world_size > 1:
             # NOTE: each process writes the patients it predicted into its own folder.
             out = out / f"rank{trainer.global_rank}"
@@ -152,7 +153,7 @@ class ReconstructionWriter(BasePredictionWriter):
         info = {
             "inputs": [SLIDE, *request.inputs],
             "checkpoint": str(getattr(trainer, "ckpt_path", None) or ""),
-            "config": str(Path(trainer.log_dir) / "config.yaml") if trainer.log_dir else "",
+            "config": str(Path(trainer.default_root_dir) / "config.yaml"),
             "units": "those of the input file (the training scaling is inverted)",
         }
 

@@ -49,11 +49,11 @@ def git_revision() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """Load a YAML config file as a dict."""
+def read_config(path: str, what: str = "config file") -> dict[str, Any]:
+    """Load a YAML file as a dict; ``what`` names the file in the error message."""
     file = Path(path)
     if not file.is_file():
-        raise InputError(f"config file not found: {file}")
+        raise InputError(f"{what} not found: {file.resolve()}")
     return yaml.safe_load(file.read_text()) or {}
 
 
@@ -91,21 +91,26 @@ def fit_and_test(args: list[str], run_dir: Path, keep_checkpoints: bool = False)
         checkpoints = ["--checkpoint.save_top_k=0", "--checkpoint.save_weights_only=true"]
     else:
         checkpoints = ["--trainer.enable_checkpointing=false"]
-    cli = MorpheusCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=[
-            *args,
-            override("trainer.logger", logger),
-            f"--trainer.default_root_dir={run_dir}",
-            *checkpoints,
-        ],
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    # LightningCLI warns when sys.argv contains arguments besides the ones passed in.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = MorpheusCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=[
+                *args,
+                override("trainer.logger", logger),
+                f"--trainer.default_root_dir={run_dir}",
+                *checkpoints,
+            ],
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = argv
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -122,9 +127,10 @@ def summarise(rows: list[dict[str, Any]], label_columns: Sequence[str]) -> pd.Da
         [values.mean(skipna=True), values.std(skipna=True, ddof=1), values.notna().sum().astype(float)],
         index=["mean", "std", "n"],
     )
-    for column in label_columns:
-        summary[column] = summary.index
-    table[label_columns] = table[label_columns].astype(str)
+    # The statistic's name goes in the first label column, the others stay empty.
+    for i, column in enumerate(label_columns):
+        summary[column] = summary.index if i == 0 else ""
+    table[list(label_columns)] = table[list(label_columns)].astype(str)
     return pd.concat([table, summary[table.columns]], ignore_index=True)
 
 
@@ -173,14 +179,19 @@ class Run:
 def markdown_table(table: pd.DataFrame) -> str:
     """Format a table as GitHub markdown; floats get four decimals."""
 
-    def cell(value: Any) -> str:
+    def cell(value: Any, count: bool) -> str:
         if isinstance(value, float):
-            return "NaN" if math.isnan(value) else f"{value:.4f}"
+            if math.isnan(value):
+                return "NaN"
+            return f"{value:.0f}" if count else f"{value:.4f}"
         return str(value)
 
     header = "| " + " | ".join(map(str, table.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    body = []
+    for row in table.itertuples(index=False):
+        count = str(row[0]) == "n"
+        body.append("| " + " | ".join(cell(v, count) for v in row) + " |")
     return "\n".join([header, rule, *body])
 
 
@@ -217,7 +228,7 @@ def run_all(
 
 def parse_grid(path: str) -> list[dict[str, Any]]:
     """Read a grid file (dotted config key to a list of values) into its combinations."""
-    grid = read_config(path)
+    grid = read_config(path, "grid file")
     if not isinstance(grid, dict) or not grid:
         raise InputError(f"{path}: expected a mapping of config keys to lists of values")
     for key, values in grid.items():

@@ -115,3 +115,11 @@ def validation_loss(stdout: str) -> float:
         if fields[:1] == ["val/loss"]:
             return float(fields[1])
     raise AssertionError(f"no val/loss in the output:\n{stdout}")
+
+
+def test_unknown_command_lists_all_commands():
+    result = run_cli("fewshots")
+    assert result.returncode == 2
+    assert "unknown command 'fewshots'" in result.stderr
+    for command in ("cv", "fewshot", "sweep", "report", "convert-slides", "fit", "predict"):
+        assert command in result.stderr

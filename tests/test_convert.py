@@ -570,7 +570,9 @@ def test_annotation_enables_genomic_chunks(tmp_path):
     assert adata.uns["preprocessing"]["annotation"]["features_without_annotation"] == 1
     groups = Chunks(n_groups=2, order="genomic").fit(adata.var, adata.X, "test")
     names = adata.var_names.to_numpy()
-    assert [list(names[m]) for m in groups.members] == [["G2", "G1"], ["G3", "G4"]]
+    # G4 has no coordinates, so the genomic grouping leaves it out.
+    assert [list(names[m]) for m in groups.members] == [["G2", "G1"], ["G3"]]
+    assert groups.n_unmatched == 1
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -644,3 +646,19 @@ def test_demo_omics_written_by_converter(tmp_path, monkeypatch):
     assert rna.uns["preprocessing"]["description"] == "gene expression, log2 scale as shipped"
     assert len(rna.uns["preprocessing"]["steps"]) == 0
     assert list(ad.read_h5ad(paths["mirna"]).var_names) == ["hsa-mir-21"]
+
+
+def test_written_h5ad_follows_umask(tmp_path):
+    import os
+    import stat
+
+    import anndata as ad
+
+    from data_modules.converters.omics import write_h5ad_atomic
+
+    previous = os.umask(0o022)
+    try:
+        path = write_h5ad_atomic(ad.AnnData(np.zeros((2, 2), dtype=np.float32)), tmp_path / "x.h5ad")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

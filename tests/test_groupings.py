@@ -134,3 +134,10 @@ def test_correlation_clusters_recover_blocks():
     groups = CorrelationClusters(n_groups=3, seed=0)(var_of([f"f{i}" for i in range(12)]), values, "m")
     assert sorted(map(sorted, groups.members)) == [list(range(0, 4)), list(range(4, 8)), list(range(8, 12))]
     assert groups.members[0][0] == 0
+
+
+def test_genomic_chunks_leave_out_unplaced_features():
+    var = var_of(list("abcdef"), chrom=["1", "1", None, "2", "2", "1"], start=[5, 1, 3, None, 2, 9])
+    groups = Chunks(n_groups=2, order="genomic")(var, np.zeros((1, 6)), "cnv")
+    assert groups.members == [[1, 0], [5, 4]]
+    assert groups.n_unmatched == 2

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import run_cli, write_task_config
 
-SURVIVAL = {"class_path": "data_modules.SurvivalTargets", "init_args": {"n_bins": 3}}
+SURVIVAL = {"class_path": "data_modules.SurvivalTargets", "init_args": {"event_column": "os_event", "n_bins": 3}}
 SUBTYPE = {"class_path": "data_modules.ClassTargets", "init_args": {"label_column": "subtype"}}
 
 
@@ -77,6 +77,8 @@ def test_sweep_one_row_per_combination(tiny_cohort, tmp_path):
     table = pd.read_csv(out / "results.csv")
     runs = table[~table["model.init_args.loss"].isin(["mean", "std", "n"])]
     assert len(runs) == 4
+    summary = table[table["model.init_args.loss"].isin(["mean", "std", "n"])]
+    assert summary["model.init_args.lr"].isna().all()
     assert set(runs["model.init_args.loss"]) == {"logistic_hazard", "cox"}
 
 

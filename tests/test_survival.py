@@ -183,3 +183,23 @@ def test_missing_label_column(own_cohort):
     )
     with pytest.raises(InputError, match=r"missing column\(s\) \['overall_survival'\]"):
         dm.setup()
+
+
+def test_null_string_from_command_line_means_none():
+    targets = SurvivalTargets("t", event_column="None", censorship_column="c")
+    assert targets.event_column is None
+    assert targets.columns == ["t", "c"]
+
+
+def test_fewshot_needs_class_labels(own_cohort):
+    from data_modules import FewShot
+
+    dm = MorpheusDataModule(
+        str(own_cohort.cohort),
+        str(own_cohort.store),
+        split=FewShot(k=2),
+        targets=SurvivalTargets("os_months", "os_event"),
+        num_workers=0,
+    )
+    with pytest.raises(InputError, match="FewShot samples patients per class, so it needs class labels"):
+        dm.setup()

@@ -38,7 +38,7 @@ def task_of(dm, cls=SurvivalTask, **kwargs):
 
 
 def test_pretrained_encoder_loaded_and_decoders_dropped(tiny_cohort, pretrained_checkpoint, caplog):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets())
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"))
     source = MaskedOmicsPretraining.load_from_checkpoint(pretrained_checkpoint, map_location="cpu")
     with caplog.at_level(logging.INFO):
         task = task_of(dm, pretrained=str(pretrained_checkpoint), width=64, heads=4)
@@ -54,20 +54,20 @@ def test_pretrained_encoder_loaded_and_decoders_dropped(tiny_cohort, pretrained_
 
 
 def test_unused_modality_tokenizer_skipped(tiny_cohort, pretrained_checkpoint):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets())
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"))
     task = task_of(dm, pretrained=str(pretrained_checkpoint), input_modalities=["rna"])
     assert task.load_report.skipped["tokenizers.dnam.mlp.0.weight"] == "modality not used"
     assert "tokenizers.rna.mlp.0.weight" in task.load_report.loaded
 
 
 def test_checkpoint_with_other_groups_is_rejected(tiny_cohort, pretrained_checkpoint):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(), dnam_groups=6)
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"), dnam_groups=6)
     with pytest.raises(InputError, match="the groups of modality 'dnam' differ from the data's"):
         task_of(dm, pretrained=str(pretrained_checkpoint))
 
 
 def test_missing_pretrained_file(tiny_cohort, tmp_path):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets())
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"))
     with pytest.raises(InputError, match="checkpoint not found: .*nope.ckpt"):
         task_of(dm, pretrained=str(tmp_path / "nope.ckpt"))
 
@@ -91,7 +91,7 @@ def test_frozen_encoder_keeps_weights(tiny_cohort):
 
 
 def test_slide_only_ignores_omics(tiny_cohort):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets())
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"))
     dm.setup("fit")
     task = task_of(dm, input_modalities=[]).eval()
     assert list(task.encoder.tokenizers) == []
@@ -102,7 +102,7 @@ def test_slide_only_ignores_omics(tiny_cohort):
 
 
 def test_eval_modalities_must_be_inputs(tiny_cohort):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets())
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"))
     with pytest.raises(InputError, match=r"eval_modalities \['dnam'\] are not among input_modalities \['rna'\]"):
         task_of(dm, input_modalities=["rna"], eval_modalities=["dnam"])
 
@@ -114,7 +114,7 @@ def test_task_without_labels(tiny_cohort):
 
 
 def test_cox_head_has_one_output(tiny_cohort):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(n_bins=4))
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event", n_bins=4))
     assert task_of(dm, loss="cox").head.out_features == 1
     assert task_of(dm).head.out_features == 4
 
@@ -127,7 +127,7 @@ def test_balanced_class_weights(tiny_cohort):
 
 
 def test_features_from_reuses_pretraining_groups(tiny_cohort, pretrained_checkpoint):
-    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(), dnam_groups=6)
+    dm = labelled_datamodule(tiny_cohort, SurvivalTargets(event_column="os_event"), dnam_groups=6)
     dm.features_from = str(pretrained_checkpoint)
     source = MaskedOmicsPretraining.load_from_checkpoint(pretrained_checkpoint, map_location="cpu")
     assert dm.modality_specs["dnam"]["groups"] == source.hparams.modalities["dnam"]["groups"]
@@ -140,7 +140,7 @@ def test_features_from_rejects_data_without_its_features(own_cohort, pretrained_
 
     adata = ad.read_h5ad(own_cohort.omics["rna"])
     adata[:, [n for n in adata.var_names if n != "RNA3"]].copy().write_h5ad(own_cohort.omics["rna"])
-    dm = labelled_datamodule(own_cohort, SurvivalTargets())
+    dm = labelled_datamodule(own_cohort, SurvivalTargets(event_column="os_event"))
     dm.features_from = str(pretrained_checkpoint)
     with pytest.raises(InputError, match=r"rna\.h5ad \(modality 'rna'\) lacks 1 of the 36 features of the checkpoint \(for example \['RNA3'\]\)"):
         dm.setup()

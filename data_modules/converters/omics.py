@@ -771,6 +771,10 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike[str]) -> Path:
     os.close(handle)
     try:
         adata.write_h5ad(temporary)
+        # mkstemp creates the file readable by its owner only; apply the usual umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

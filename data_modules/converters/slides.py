@@ -655,6 +655,12 @@ def scan_slide_files(
     for slide_id in repeated:
         names = [s.source for s in scanned if s.slide_id == slide_id]
         problems.append(f"slide id {slide_id!r} comes from several files {names}; keep one")
+    if problems and len({s.feature_dim for s in scanned}) > 1:
+        # Report mixed dimensions now too, so that one run lists every problem.
+        try:
+            _common_values(scanned, encoder="any")
+        except InputError as error:
+            problems.append(str(error))
     if problems:
         listed = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -780,7 +786,16 @@ def convert_slides(
         "encoder %r, base seed %d)",
         len(todo), src, out, summary.already_converted, feature_dim, encoder_name, base_seed,
     )
-    for info in tqdm(todo, desc="convert-slides", unit="slide", disable=not progress):
-        summary.patches_written += write_slide_record(store, _record(info), base_seed)
-        summary.converted += 1
+    try:
+        for info in tqdm(todo, desc="convert-slides", unit="slide", disable=not progress):
+            summary.patches_written += write_slide_record(store, _record(info), base_seed)
+            summary.converted += 1
+    except KeyboardInterrupt:
+        log.warning(
+            "interrupted after %d of %d slide(s); the slides written are complete, so run the "
+            "same command again to convert the rest",
+            summary.converted,
+            len(todo),
+        )
+        raise
     return summary

@@ -45,7 +45,7 @@ class RegressionTargets(Targets):
         quartiles = np.nanquantile(values, [0.25, 0.5, 0.75]) if valid.any() else []
         strata = np.digitize(np.nan_to_num(values), quartiles)
         tensors = {VALUE: torch.as_tensor(np.nan_to_num(values), dtype=torch.float32)}
-        return TargetData(tensors, valid, strata)
+        return TargetData(tensors, valid, strata, {"strata": "quantile"})
 
     def info(self, data: TargetData, train_index: np.ndarray, source: str) -> dict[str, Any]:
         train = data.tensors[VALUE][torch.as_tensor(train_index)]
