@@ -52,12 +52,7 @@ def adamw_warmup_cosine(
     min_lr_ratio: float = 0.0,
 ) -> dict:
     """Return Lightning's optimiser configuration: AdamW with per-step warm-up and cosine."""
-    groups = adamw_param_groups(module, weight_decay)
-    try:
-        # The fused kernel updates all parameters at once (CPU and CUDA).
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(adamw_param_groups(module, weight_decay), lr=lr)
     trainer = module.trainer
     total = int(trainer.estimated_stepping_batches)
     epochs = max(1, trainer.max_epochs or 1)
