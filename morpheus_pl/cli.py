@@ -24,7 +24,8 @@ import morpheus_pl.tasks  # noqa: F401
 from morpheus_pl.convert import COMMANDS as CONVERTERS
 from morpheus_pl.convert import main as run_converter
 from morpheus_pl.errors import InputError
-from morpheus_pl.prediction import SLIDE, ReconstructionWriter, resolve_request
+from morpheus_pl.prediction import ReconstructionWriter
+from morpheus_pl.reconstruction import SLIDE, resolve_request
 from morpheus_pl.protocols import PROTOCOLS
 from morpheus_pl.protocols import main as run_protocol
 from morpheus_pl.report import main as run_report

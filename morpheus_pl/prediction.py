@@ -16,72 +16,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from data_modules.converters.omics import write_h5ad_atomic
 from morpheus_pl.errors import InputError
+from morpheus_pl.reconstruction import SLIDE, PredictionRequest, resolve_request
 
 log = logging.getLogger(__name__)
-
-SLIDE = "slide"
-
-
-class PredictionRequest:
-    """Inputs and targets of a prediction pass.
-
-    Attributes:
-        inputs: Omics modalities given to the encoder with the slide.
-        targets: Modalities to reconstruct.
-        token_outputs: Also return the encoder outputs at the slide and omics tokens.
-    """
-
-    def __init__(self, inputs: Sequence[str], targets: Sequence[str], token_outputs: bool = False) -> None:
-        self.inputs = list(inputs)
-        self.targets = list(targets)
-        self.token_outputs = token_outputs
-
-
-def resolve_request(
-    inputs: Sequence[str] | None,
-    targets: Sequence[str] | None,
-    modalities: Sequence[str],
-    decoders: Sequence[str],
-    token_outputs: bool = False,
-) -> PredictionRequest:
-    """Check requested inputs and targets against the checkpoint.
-
-    Args:
-        inputs: Requested inputs; must contain ``slide``. None means the slide only.
-        targets: Requested targets; None means every modality with a decoder that is
-            not an input.
-        modalities: Omics modalities of the checkpoint.
-        decoders: Modalities the checkpoint has a decoder for.
-        token_outputs: Also return token outputs.
-    """
-    inputs = [SLIDE] if inputs is None else list(inputs)
-    if SLIDE not in inputs:
-        raise InputError(
-            f"prediction inputs {inputs} do not include the slide: MORPHEUS always encodes the "
-            "slide, so add 'slide' to the inputs"
-        )
-    omics_inputs = [m for m in inputs if m != SLIDE]
-    unknown = sorted(set(omics_inputs) - set(modalities))
-    if unknown:
-        raise InputError(
-            f"prediction inputs {unknown} are not modalities of the checkpoint ({sorted(modalities)})"
-        )
-    if targets is None:
-        targets = [m for m in decoders if m not in omics_inputs]
-    no_decoder = sorted(set(targets) - set(decoders))
-    if no_decoder:
-        raise InputError(
-            f"the checkpoint has no decoder for target modalities {no_decoder}; it reconstructs "
-            f"{sorted(decoders)}"
-        )
-    both = sorted(set(targets) & set(omics_inputs))
-    if both:
-        raise InputError(
-            f"modalities {both} are both inputs and targets; a target is reconstructed without "
-            "its own values, so remove it from the inputs"
-        )
-    return PredictionRequest(omics_inputs, list(targets), token_outputs)
-
 
 class ReconstructionWriter(BasePredictionWriter):
     """Write the ``predict`` outputs: one ``.h5ad`` per target modality and embeddings.

@@ -16,8 +16,7 @@ from morpheus_pl.errors import InputError
 from morpheus_pl.metrics import FeaturePearson
 from morpheus_pl.nn import Morpheus, ReconstructionOutput, masked_group_l1
 from morpheus_pl.optim import adamw_warmup_cosine
-from morpheus_pl.prediction import resolve_request
-from morpheus_pl.reconstruction import predict
+from morpheus_pl.reconstruction import predict, resolve_request
 
 EVAL_STAGES = ("val", "test")
 

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from morpheus_pl.errors import InputError
 from morpheus_pl.nn import Morpheus
 from morpheus_pl.nn.grouped import GroupIndex
+
+#: Name of the slide among prediction inputs.
+SLIDE = "slide"
 
 
 def groups_to_features(prediction: torch.Tensor, index: GroupIndex) -> torch.Tensor:
@@ -52,23 +56,66 @@ class Prediction:
     reconstructions: dict[str, torch.Tensor]
 
 
-def check_request(model: Morpheus, inputs: Sequence[str], targets: Sequence[str]) -> None:
-    """Raise ``ValueError`` for unknown inputs or targets, or a target among the inputs."""
-    unknown = sorted(set(inputs) - set(model.modalities))
-    if unknown:
-        raise ValueError(f"input modalities {unknown} are unknown to the model ({model.modalities})")
-    no_decoder = sorted(set(targets) - set(model.decoders))
-    if no_decoder:
-        raise ValueError(
-            f"the checkpoint has no decoder for target modalities {no_decoder}; it has decoders "
-            f"for {sorted(model.decoders)}"
+class PredictionRequest:
+    """Inputs and targets of a prediction pass.
+
+    Attributes:
+        inputs: Omics modalities given to the encoder with the slide.
+        targets: Modalities to reconstruct.
+        token_outputs: Also return the encoder outputs at the slide and omics tokens.
+    """
+
+    def __init__(self, inputs: Sequence[str], targets: Sequence[str], token_outputs: bool = False) -> None:
+        self.inputs = list(inputs)
+        self.targets = list(targets)
+        self.token_outputs = token_outputs
+
+
+def resolve_request(
+    inputs: Sequence[str] | None,
+    targets: Sequence[str] | None,
+    modalities: Sequence[str],
+    decoders: Sequence[str],
+    token_outputs: bool = False,
+) -> PredictionRequest:
+    """Check requested inputs and targets against the checkpoint.
+
+    Args:
+        inputs: Requested inputs; must contain ``slide``. None means the slide only.
+        targets: Requested targets; None means every modality with a decoder that is
+            not an input.
+        modalities: Omics modalities of the checkpoint.
+        decoders: Modalities the checkpoint has a decoder for.
+        token_outputs: Also return token outputs.
+    """
+    inputs = [SLIDE] if inputs is None else list(inputs)
+    if SLIDE not in inputs:
+        raise InputError(
+            f"prediction inputs {inputs} do not include the slide: MORPHEUS always encodes the "
+            "slide, so add 'slide' to the inputs"
         )
-    both = sorted(set(inputs) & set(targets))
+    omics_inputs = [m for m in inputs if m != SLIDE]
+    unknown = sorted(set(omics_inputs) - set(modalities))
+    if unknown:
+        raise InputError(
+            f"prediction inputs {unknown} are not modalities of the checkpoint ({sorted(modalities)})"
+        )
+    if targets is None:
+        targets = [m for m in decoders if m not in omics_inputs]
+    no_decoder = sorted(set(targets) - set(decoders))
+    if no_decoder:
+        raise InputError(
+            f"the checkpoint has no decoder for target modalities {no_decoder}; it reconstructs "
+            f"{sorted(decoders)}"
+        )
+    both = sorted(set(targets) & set(omics_inputs))
     if both:
-        raise ValueError(
-            f"modalities {both} are both input and target; a target is reconstructed without "
+        raise InputError(
+            f"modalities {both} are both inputs and targets; a target is reconstructed without "
             "its own values, so remove it from the inputs"
         )
+    return PredictionRequest(omics_inputs, list(targets), token_outputs)
+
 
 
 @torch.no_grad()
@@ -96,7 +143,7 @@ def predict(
         inputs: Omics modalities given to the encoder besides the slide.
         targets: Modalities to reconstruct.
     """
-    check_request(model, inputs, targets)
+    resolve_request([SLIDE, *inputs], targets, model.modalities, list(model.decoders))
     visible = {
         m: present[m].to(torch.bool)[:, None].expand(-1, len(model.tokenizers[m].index.sizes))
         for m in inputs

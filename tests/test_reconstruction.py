@@ -7,7 +7,7 @@ import torch
 
 from morpheus_pl.errors import InputError
 from morpheus_pl.nn import GroupIndex, Morpheus
-from morpheus_pl.prediction import resolve_request
+from morpheus_pl.reconstruction import resolve_request
 from morpheus_pl.reconstruction import groups_to_features, predict
 
 GROUPS = {"rna": [[0, 1, 2], [2, 3], [4, 5]], "dnam": [[0, 1], [2, 3]], "cnv": [[0], [1, 2]]}
