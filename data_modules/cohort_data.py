@@ -209,6 +209,26 @@ def load_modality(
         if scale:
             scaling = Scaling.fit(aligned[train_rows], name)
             aligned = scaling.transform(aligned)
+
+    # A patient whose row has no measured value lacks the modality, so it gets no token
+    # (rather than one built from mean values) and no loss.
+    unmeasured = present & np.isnan(aligned).all(axis=1)
+    if not (present & ~unmeasured).any():
+        raise InputError(
+            f"{modality.path} (modality {name!r}): none of its {matched} patients matched in the "
+            "cohort has a measured value among the grouped features (all NaN); check the file "
+            "and its grouping"
+        )
+    if unmeasured.any():
+        log.warning(
+            "%s: %d patient(s) have no measured value in %s (all NaN) and count as lacking "
+            "the modality (first: %s)",
+            name,
+            int(unmeasured.sum()),
+            modality.path,
+            patients[int(np.flatnonzero(unmeasured)[0])],
+        )
+        present = present & ~unmeasured
     return ModalityData(
         features=features,
         groups=groups,
@@ -304,6 +324,16 @@ def prepare_cohort(
             f"{store.encoder!r}) but patch_dim is {expected_feature_dim}; use a store made with "
             "the expected encoder or change patch_dim"
         )
+    for checkpoint_state in (saved, features_from):
+        trained_dim = None if checkpoint_state is None else checkpoint_state.get("feature_dim")
+        if trained_dim is not None and int(trained_dim) != store.feature_dim:
+            source = checkpoint_state.get("source")
+            raise InputError(
+                f"the checkpoint {source} was trained on {trained_dim}-d patch "
+                f"features but the store {store.path} contains {store.feature_dim}-d features "
+                f"(encoder {store.encoder!r}); use the store the checkpoint was trained with, or "
+                "one made with the same patch encoder"
+            )
     constant = [*(targets.columns if targets is not None else []), *split.columns]
     cohort = load_cohort(cohort_path, patient_column, slide_column, normalize_ids, constant)
     patients, slides = match_slides(cohort, store, missing_slides)
@@ -326,16 +356,18 @@ def prepare_cohort(
         configured, trained = sorted(modalities), sorted(saved["modalities"])
         if configured != trained:
             raise InputError(
-                f"the checkpoint was trained with modalities {trained} but the config has "
-                f"{configured}; configure the same modalities"
+                f"the checkpoint {saved.get('source')} was trained with modalities {trained} but "
+                f"the config has {configured}; configure the same modalities in data.modalities"
             )
-    modality_state = (saved or features_from or {}).get("modalities")
+    state = saved or features_from or {}
+    modality_state = state.get("modalities")
     if modality_state is not None:
         lacking = sorted(set(modalities) - set(modality_state))
         if lacking:
             raise InputError(
-                f"the checkpoint has no data state for modalities {lacking} (it has "
-                f"{sorted(modality_state)}); drop them from data.modalities or pre-train with them"
+                f"the checkpoint {state.get('source')} has no data state for modalities {lacking} "
+                f"(it has {sorted(modality_state)}); drop them from data.modalities or pre-train "
+                "with them"
             )
     data = CohortData(cohort, patients, slides, splits, store.feature_dim, targets=labels)
     for name in ("train", "val"):

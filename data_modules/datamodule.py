@@ -9,16 +9,18 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from data_modules.cohort_data import CohortData, prepare_cohort
-from data_modules.datasets import PatientBags, collate_bags
+from data_modules.datasets import PatientBags, RowsOf, collate_bags
 from data_modules.feature_store import PatchFeatureStore
 from data_modules.omics import OmicsModality
 from data_modules.splits import RandomSplit, SplitStrategy
 from data_modules.targets import Targets
 from morpheus_pl import batch as keys
 from morpheus_pl.errors import InputError
+from morpheus_pl.seeding import EpochShuffle
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class MorpheusDataModule(pl.LightningDataModule):
 
     Training draws ``n_patches`` patches per patient (one contiguous read per slide);
     validation, test and prediction serve whole bags, padded with a patch mask.
+    With several processes, each validation and test patient is served once in
+    total (see ``eval_sampler``).
 
     Args:
         cohort: Cohort table (CSV, TSV or parquet), one row per slide or per patient.
@@ -181,7 +185,7 @@ class MorpheusDataModule(pl.LightningDataModule):
             store=self.store,
             patients=[self.data.patients[i] for i in index],
             slides=[self.data.slides[i] for i in index],
-            omics={m: d.values[index] for m, d in self.data.modalities.items()},
+            omics={m: RowsOf(d.values, index) for m, d in self.data.modalities.items()},
             present={m: d.present[index] for m, d in self.data.modalities.items()},
             n_patches=self.n_patches if sampling else None,
             max_patches=self.max_eval_patches,
@@ -195,7 +199,9 @@ class MorpheusDataModule(pl.LightningDataModule):
             extra.update({k: v[torch.as_tensor(index)] for k, v in self.data.targets.tensors.items()})
         return extra
 
-    def _loader(self, dataset: PatientBags, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: PatientBags, batch_size: int, shuffle: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
         workers = self.num_workers
         context = None
         if workers > 0:
@@ -209,6 +215,7 @@ class MorpheusDataModule(pl.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate_bags,
             pin_memory=pin,
@@ -221,11 +228,50 @@ class MorpheusDataModule(pl.LightningDataModule):
         dataset = self.dataset(split, train_sampling=False)
         return self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False)
 
+    def eval_sampler(self, dataset: PatientBags, split: str) -> Sampler | None:
+        """Return the sampler that shares an evaluation split across processes, or None.
+
+        Lightning's default ``DistributedSampler`` repeats patients to give every
+        process the same number, and the repeats would count twice in the epoch
+        losses and reconstruction scores. Lightning's ``UnrepeatedDistributedSampler``
+        serves each patient once, so processes may run one batch fewer than others.
+        Evaluation steps do not synchronise per batch, but DDP syncs buffers on the
+        first one, so each process needs at least one patient.
+
+        Returns:
+            None in a single process or with an empty split, in which case Lightning
+            adds its own sampler or none.
+
+        Raises:
+            InputError: When the split has fewer patients than there are processes.
+        """
+        trainer = self.trainer
+        options = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not options or options.get("num_replicas", 1) <= 1 or len(dataset) == 0:
+            return None
+        if len(dataset) < options["num_replicas"]:
+            raise InputError(
+                f"the {split} split of {self.cohort} has {len(dataset)} patient(s) for "
+                f"{options['num_replicas']} processes, but every process needs at least one. "
+                f"Evaluate on at most {len(dataset)} device(s) or enlarge the split"
+            )
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **options)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+        dataset = self.dataset("train")
+        # Order and patch draws follow the run's seed and the epoch, so a resumed run
+        # replays the epoch it was stopped in exactly.
+        sampler = EpochShuffle(len(dataset), self.current_epoch)
+        return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler)
+
+    def current_epoch(self) -> int:
+        """The trainer's epoch, or 0 outside a trainer."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+        dataset = self.dataset("val")
+        sampler = self.eval_sampler(dataset, "val")
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def test_dataloader(self) -> DataLoader:
         if len(self.data.indices("test")) == 0:
@@ -234,7 +280,9 @@ class MorpheusDataModule(pl.LightningDataModule):
                 "example RandomSplit test_fraction) or evaluate the validation split with "
                 "the validate command"
             )
-        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)
+        dataset = self.dataset("test")
+        sampler = self.eval_sampler(dataset, "test")
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_split != "all" and len(self.data.indices(self.predict_split)) == 0:
@@ -247,6 +295,7 @@ class MorpheusDataModule(pl.LightningDataModule):
             return {}
         return {
             "format": DATA_STATE_FORMAT,
+            "feature_dim": self.data.feature_dim,
             "patients": {
                 name: [self.data.patients[i] for i in index] for name, index in self.data.splits.items()
             },
@@ -266,13 +315,17 @@ class MorpheusDataModule(pl.LightningDataModule):
 
 
 def read_data_state(path: str) -> dict[str, Any]:
-    """Return the DataModule state saved in a checkpoint."""
+    """Return the DataModule state saved in a checkpoint, with its path under ``source``."""
     from morpheus_pl.checkpoints import read_checkpoint
 
     checkpoint = read_checkpoint(path)
     for value in checkpoint.values():
         if isinstance(value, dict) and value.get("format") == DATA_STATE_FORMAT:
-            return value
+            state = dict(value, source=str(path))
+            # States saved before feature_dim was recorded lack it, and the model's
+            # patch_dim has the same value.
+            state.setdefault("feature_dim", checkpoint["hyper_parameters"].get("patch_dim"))
+            return state
     raise InputError(
         f"{path} holds no morpheus_pl data state (splits, features, scaling); it was not "
         "written by a morpheus_pl run, so evaluate it with a fresh fit instead"

@@ -13,6 +13,24 @@ from morpheus_pl import batch as keys
 from morpheus_pl.errors import InputError
 
 
+class RowsOf:
+    """Rows ``index`` of a ``(patients, features)`` tensor, looked up on access.
+
+    A split's dataset reads its patients' omics through this view instead of
+    holding a copy, so memory does not grow with each split of a large cohort.
+    """
+
+    def __init__(self, values: torch.Tensor, index: np.ndarray) -> None:
+        self.values = values
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return self.values[int(self.index[position])]
+
+
 class PatientBags(Dataset):
     """Patch bags and omics vectors of a list of patients.
 
@@ -21,8 +39,8 @@ class PatientBags(Dataset):
         patients: Patient ids, one item each.
         slides: For each patient, ``(slide_id, n_patches)`` of every slide; the
             patient's bag is the concatenation of its slides.
-        omics: Modality name to a ``(len(patients), F_m)`` float32 tensor, NaN for
-            missing values.
+        omics: Modality name to a ``(len(patients), F_m)`` float32 tensor (or a
+            :class:`RowsOf` view), NaN for missing values.
         present: Modality name to a ``(len(patients),)`` bool tensor.
         n_patches: Patches drawn per patient (uniformly, with replacement when the
             patient has fewer); None serves every patch.
@@ -54,14 +72,19 @@ class PatientBags(Dataset):
     def __len__(self) -> int:
         return len(self.patients)
 
-    def _sample(self, slides: list[tuple[str, int]]) -> np.ndarray:
+    def _sample(
+        self, slides: list[tuple[str, int]], generator: torch.Generator | None = None
+    ) -> np.ndarray:
         """Draw ``n_patches`` rows across the slides, one contiguous read per slide."""
         sizes = np.array([n for _, n in slides], dtype=np.int64)
         if len(slides) == 1:
             counts = np.array([self.n_patches])
         else:
             draw = torch.multinomial(
-                torch.as_tensor(sizes, dtype=torch.float64), self.n_patches, replacement=True
+                torch.as_tensor(sizes, dtype=torch.float64),
+                self.n_patches,
+                replacement=True,
+                generator=generator,
             )
             counts = np.bincount(draw.numpy(), minlength=len(slides))
 
@@ -70,11 +93,11 @@ class PatientBags(Dataset):
             if k == 0:
                 continue
             if k <= n:
-                start = int(torch.randint(0, n - k + 1, ()).item())
+                start = int(torch.randint(0, n - k + 1, (), generator=generator).item())
                 parts.append(self.store.read_rows(slide_id, start, start + int(k)))
             else:
                 rows = self.store.read_rows(slide_id, 0, n)
-                parts.append(rows[torch.randint(0, n, (int(k),)).numpy()])
+                parts.append(rows[torch.randint(0, n, (int(k),), generator=generator).numpy()])
         return np.concatenate(parts)
 
     def _all(self, slides: list[tuple[str, int]]) -> np.ndarray:
@@ -84,10 +107,17 @@ class PatientBags(Dataset):
             parts.append(self.store.read_rows(slide_id, 0, stop))
         return np.concatenate(parts)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Serve one patient: ``key`` is its position, or ``(position, seed)`` to draw
+        its patches from ``seed`` (see :class:`~morpheus_pl.seeding.EpochShuffle`)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         patient = self.patients[index]
         slides = self.slides[index]
-        patches = self._sample(slides) if self.n_patches is not None else self._all(slides)
+        if self.n_patches is None:
+            patches = self._all(slides)
+        else:
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            patches = self._sample(slides, generator)
         if not np.isfinite(patches).all():
             raise InputError(
                 f"patient {patient!r}: NaN or infinite patch features in slide(s) "

@@ -118,6 +118,16 @@ class SurvivalTargets(Targets):
                 f"{source}: patient {patient!r} has {flag_column!r} = {flag[bad][0]:g}; "
                 "expected 0 or 1"
             )
+        # A missing (NaN) or negative time leaves the patient out; an infinite one is an
+        # error, because it would make the time bins NaN.
+        infinite = np.isinf(time)
+        if infinite.any():
+            i = int(np.flatnonzero(infinite)[0])
+            raise InputError(
+                f"{source}: patient {patients[i]!r} has {self.time_column!r} = {time[i]:g} "
+                f"({int(infinite.sum())} patient(s) in total); survival times must be finite, "
+                "so fix the value or leave the cell empty to drop the patient"
+            )
         event = flag == 1 if self.event_column is not None else flag == 0
         valid = known & ~np.isnan(time) & (time >= 0)
         return TargetData(
@@ -181,6 +191,14 @@ class ClassTargets(Targets):
                 f"{source}: patient {patients[i]!r} has {self.label_column!r} = {labels[i]!r}, "
                 f"which is not one of the configured classes {names}; add it to classes"
             )
+        labelled_classes = sorted(set(labels[valid]))
+        if len(labelled_classes) < 2:
+            raise InputError(
+                f"{source}: column {self.label_column!r} has {len(labelled_classes)} class(es) "
+                f"{labelled_classes} among its {int(valid.sum())} labelled patient(s), but "
+                "classification needs at least two; check that the column and the cohort table "
+                "are the intended ones"
+            )
         index = np.array([names.index(v) if ok else -1 for v, ok in zip(labels, valid)], dtype=np.int64)
         # Stratify on the class names so that split messages can name the class.
         strata = np.where(valid, labels, "").astype(str)
@@ -191,6 +209,14 @@ class ClassTargets(Targets):
         classes = data.meta["classes"]
         counts = np.bincount(data.tensors[keys.LABEL].numpy()[train_index], minlength=len(classes))
         absent = [c for c, n in zip(classes, counts) if n == 0]
+        if len(classes) - len(absent) < 2:
+            trained = [c for c, n in zip(classes, counts) if n > 0]
+            raise InputError(
+                f"{source}: the training split contains only class(es) {trained} among its "
+                f"{len(train_index)} patients (classes {classes}), so no classifier can be "
+                "trained on it; use fewer folds, another seed, or put patients of other "
+                "classes in the training split"
+            )
         if absent:
             log.warning("classes %s have no patient in the training split", absent)
         return {

@@ -14,7 +14,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 # Imported so that --help lists the project's models and DataModules.
@@ -100,6 +100,11 @@ class MorpheusCLI(LightningCLI):
         if data_args is None:
             return
 
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            resolve_last_checkpoint(config)
+        if self.subcommand == "fit" and not config.get("ckpt_path"):
+            check_fixed_version(config)
+
         # Evaluating or resuming a checkpoint reuses the data state saved in it.
         ckpt_path = config.get("ckpt_path")
         keywords = ("last", "best", "hpc", "registry")
@@ -117,6 +122,103 @@ class MorpheusCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def run_folder(config: Any) -> tuple[Path, dict | None]:
+    """Return the folder holding the ``version_*`` folders of the configured logger.
+
+    Also returns the logger's ``init_args`` (None without a configurable logger), so
+    that a resumed run can be pointed at the version it continues.
+    """
+    trainer = config.get("trainer") or {}
+    root = Path(trainer.get("default_root_dir") or ".")
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if isinstance(logger, dict) or hasattr(logger, "get"):
+        init_args = logger.get("init_args") or {}
+        save_dir = Path(init_args.get("save_dir") or root)
+        name = init_args.get("name")
+        return (save_dir / name if name else save_dir), init_args
+    return root / "lightning_logs", None
+
+
+def resolve_last_checkpoint(config: Any) -> None:
+    """Turn ``--ckpt_path last`` into the newest ``last.ckpt`` of earlier runs.
+
+    Lightning looks for ``last`` only in the folder of the run being started, which
+    is a new version. Here the earlier versions of the same logger (or the configured
+    ``checkpoint.dirpath``) are searched; the newest ``last.ckpt`` is resumed and its
+    version is reused, so curves and checkpoints continue in the same folder. Without
+    any, training starts from scratch, which lets one command serve both the first
+    start and every restart of a pre-empted job.
+    """
+    log = logging.getLogger("morpheus_pl")
+    dirpath = (config.get("checkpoint") or {}).get("dirpath")
+    folder, logger_args = run_folder(config)
+    if dirpath:
+        candidates = [Path(dirpath) / "last.ckpt"]
+    else:
+        version = (logger_args or {}).get("version")
+        if version is not None:
+            name = version if isinstance(version, str) else f"version_{version}"
+            candidates = [folder / name / "checkpoints" / "last.ckpt"]
+        else:
+            candidates = list(folder.glob("version_*/checkpoints/last.ckpt"))
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        where = candidates[0] if len(candidates) == 1 else folder / "version_*" / "checkpoints"
+        log.warning("--ckpt_path last: no last.ckpt in %s; starting from scratch", where)
+        config["ckpt_path"] = None
+        return
+    newest = max(found, key=lambda c: c.stat().st_mtime)
+    config["ckpt_path"] = str(newest)
+    if not dirpath and logger_args is not None and logger_args.get("version") is None:
+        version = newest.parent.parent.name
+        number = version.removeprefix("version_")
+        logger_args["version"] = int(number) if number.isdigit() else version
+    log.info("resuming from %s", newest)
+
+
+def check_fixed_version(config: Any) -> None:
+    """Refuse, before anything is written, to start a run in a finished run's version."""
+    folder, logger_args = run_folder(config)
+    version = (logger_args or {}).get("version")
+    if version is None:
+        return
+    name = version if isinstance(version, str) else f"version_{version}"
+    if (folder / name / "config.yaml").exists():
+        raise InputError(
+            f"{folder / name} already holds an earlier run (its config.yaml); leave "
+            "trainer.logger.init_args.version unset to start a new version, or resume that "
+            "run with --ckpt_path last"
+        )
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config in the run folder, without ever overwriting one.
+
+    A resumed run keeps the first ``config.yaml`` and adds its own beside it. Any
+    other run that finds a config in its folder is stopped before it writes anything,
+    with the options that avoid the clash.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective call: every process asks
+        if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+            if trainer.ckpt_path or self.config.get("ckpt_path"):
+                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                self.config_filename = f"config.resumed-{stamp}.yaml"
+            else:
+                raise InputError(
+                    f"{log_dir} already holds the config.yaml of an earlier run; resume that "
+                    "run with --ckpt_path last, or write this one elsewhere (another "
+                    "trainer.logger.init_args.name or save_dir, or without a logger another "
+                    "trainer.default_root_dir)"
+                )
+        super().setup(trainer, pl_module, stage)
 
 
 def prepare_prediction(config: Any) -> None:
@@ -232,6 +334,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=args,
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
             parser_kwargs={"epilog": EPILOG},

@@ -14,9 +14,16 @@ from torchmetrics import MeanMetric
 from morpheus_pl import batch as keys
 from morpheus_pl.errors import InputError
 from morpheus_pl.metrics import FeaturePearson
-from morpheus_pl.nn import Morpheus, ReconstructionOutput, masked_group_l1
+from morpheus_pl.nn import (
+    Morpheus,
+    ReconstructionOutput,
+    draws_per_sample,
+    masked_group_l1,
+    seeded_uniform,
+)
 from morpheus_pl.optim import adamw_warmup_cosine
 from morpheus_pl.reconstruction import predict, resolve_request
+from morpheus_pl.seeding import reseed_step
 
 EVAL_STAGES = ("val", "test")
 
@@ -73,8 +80,11 @@ class MaskedOmicsPretraining(pl.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
         warmup_epochs: Epochs of linear warm-up before the cosine decay.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        eval_mask_seed: Seed of the masks drawn at validation and test, fixed so that
-            epochs are scored on the same masks.
+        torch_compile: Compile the network's parts with ``torch.compile`` (see
+            ``Morpheus.compile_parts``); parts that fail to compile run eagerly.
+        eval_mask_seed: Seed of the masks drawn at validation and test. Each patient's
+            mask comes from this seed and the patient's cohort position, so every epoch,
+            batch size and number of processes scores the same masks.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class MaskedOmicsPretraining(pl.LightningModule):
         warmup_epochs: float = 10.0,
         min_lr_ratio: float = 0.0,
         eval_mask_seed: int = 0,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         check_modalities(modalities)
@@ -155,8 +166,17 @@ class MaskedOmicsPretraining(pl.LightningModule):
             scalar.update({f"n_features_{m}": len(self.hparams.modalities[m]["features"]) for m in self.modality_names})
             self.logger.log_hyperparams(scalar)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> ReconstructionOutput:
-        """Run one masked-reconstruction pass on a batch."""
+    def forward(
+        self,
+        batch: dict,
+        generator: torch.Generator | None = None,
+        uniform: torch.Tensor | None = None,
+    ) -> ReconstructionOutput:
+        """Run one masked-reconstruction pass on a batch.
+
+        The masks come from ``uniform`` (per-sample draws, see
+        ``morpheus_pl.nn.sample_visible``) when given, else from ``generator``.
+        """
         return self.model.forward_pretrain(
             batch[keys.PATCHES],
             batch.get(keys.PATCH_MASK),
@@ -164,7 +184,35 @@ class MaskedOmicsPretraining(pl.LightningModule):
             batch[keys.OMICS_PRESENT],
             self.hparams.mask_ratio,
             generator,
+            uniform,
         )
+
+    def eval_masks(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Return the ``forward`` arguments that fix a batch's evaluation masks.
+
+        With the patients' cohort positions in the batch, each patient's masks are
+        drawn from its own seed, so the scores do not depend on how patients are
+        batched or spread over processes. Without them, one generator per batch
+        index is used, which depends on the batching.
+        """
+        seed = self.hparams.eval_mask_seed * 1_000_003
+        index = batch.get(keys.PATIENT_INDEX)
+        if index is not None:
+            draws = draws_per_sample(self.model.group_counts)
+            return {"uniform": seeded_uniform(seed + index, draws)}
+        generator = torch.Generator(device=batch[keys.PATCHES].device)
+        generator.manual_seed(seed + batch_idx)
+        return {"generator": generator}
+
+    def configure_model(self) -> None:
+        if self.hparams.get("torch_compile") and not getattr(self, "_compiled", False):
+            self.model.compile_parts()
+            self._compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Masks and dropout of a step depend only on the seed, the epoch and the batch,
+        # so a resumed run continues exactly where the stopped one left off.
+        reseed_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
@@ -175,10 +223,7 @@ class MaskedOmicsPretraining(pl.LightningModule):
         return out.loss
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
-        device = batch[keys.PATCHES].device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.hparams.eval_mask_seed * 1_000_003 + batch_idx)
-        out = self(batch, generator)
+        out = self(batch, **self.eval_masks(batch, batch_idx))
 
         metrics = self.eval_metrics[stage]
         for m in self.modality_names:
@@ -201,11 +246,18 @@ class MaskedOmicsPretraining(pl.LightningModule):
             total = total + loss
             values[f"{stage}/loss_{m}"] = loss
             values[f"{stage}/baseline_loss_{m}"] = metrics[f"baseline_loss_{m}"].compute()
-            values[f"{stage}/pearson_{m}"] = metrics[f"pearson_{m}"].compute().float()
-            self._log_pearson_histogram(stage, m, metrics[f"pearson_{m}"].per_feature())
+            pearson = metrics[f"pearson_{m}"]
+            values[f"{stage}/pearson_{m}"] = pearson.compute().float()
+            # per_feature reads this process's states only; synchronise them first.
+            with pearson.sync_context():
+                per_feature = pearson.per_feature()
+            self._log_pearson_histogram(stage, m, per_feature)
         values[f"{stage}/loss"] = total
+        # The metrics are already synchronised, so every process logs the same values.
+        # sync_dist averages these equal values, which keeps them (up to rounding) and
+        # stops Lightning's warning about unsynchronised epoch-level values.
         for name, value in values.items():
-            self.log(name, value, prog_bar=name == f"{stage}/loss")
+            self.log(name, value, prog_bar=name == f"{stage}/loss", sync_dist=True)
         for metric in metrics.values():
             metric.reset()
 

@@ -798,4 +798,11 @@ def convert_slides(
             len(todo),
         )
         raise
+    except InputError as error:
+        # The pre-scan reads shapes only, so bad values surface here, one slide at a time.
+        raise InputError(
+            f"{error}\nNothing of that slide was written. The {summary.converted} of "
+            f"{len(todo)} slide(s) written before it are complete in {out}, and running the "
+            "command again skips them"
+        ) from error
     return summary

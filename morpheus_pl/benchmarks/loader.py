@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from data_modules.datasets import PatientBags
 from data_modules.feature_store import PatchFeatureStore
 from morpheus_pl.benchmarks.common import machine
 
@@ -44,13 +45,20 @@ def run(
             store.write_slide(f"slide{s}", features, patient_id=f"p{s}")
             with h5py.File(folder / f"slide{s}.h5", "w") as handle:
                 handle.create_dataset("features", data=features)
-        reader = PatchFeatureStore(folder / "s.zarr")
+        # The product's training dataset: one patient per slide, ``draw`` patches each.
+        bags = PatientBags(
+            PatchFeatureStore(folder / "s.zarr"),
+            patients=[f"p{s}" for s in range(slides)],
+            slides=[[(f"slide{s}", patches_per_slide)] for s in range(slides)],
+            omics={},
+            present={},
+            n_patches=draw,
+        )
         choices = np.random.default_rng(1).integers(0, slides, size=samples)
-        starts = np.random.default_rng(2).integers(0, patches_per_slide - draw + 1, size=samples)
 
         def from_store() -> None:
-            for s, start in zip(choices, starts):
-                reader.read_rows(f"slide{s}", int(start), int(start) + draw)
+            for i, s in enumerate(choices):
+                bags[int(s), i]
 
         def from_hdf5() -> None:
             picker = np.random.default_rng(3)

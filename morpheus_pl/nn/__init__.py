@@ -2,7 +2,14 @@
 
 from morpheus_pl.nn.grouped import GroupedLinear, GroupedMLP, GroupIndex
 from morpheus_pl.nn.losses import group_l1, masked_group_l1
-from morpheus_pl.nn.masking import choose_visible, sample_visible, split_budget, visible_budget
+from morpheus_pl.nn.masking import (
+    choose_visible,
+    draws_per_sample,
+    sample_visible,
+    seeded_uniform,
+    split_budget,
+    visible_budget,
+)
 from morpheus_pl.nn.morpheus import (
     EncoderOutput,
     Morpheus,
@@ -23,9 +30,11 @@ __all__ = [
     "PrototypeAttention",
     "ReconstructionOutput",
     "choose_visible",
+    "draws_per_sample",
     "group_l1",
     "masked_group_l1",
     "sample_visible",
+    "seeded_uniform",
     "split_budget",
     "visible_budget",
 ]

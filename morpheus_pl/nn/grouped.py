@@ -87,6 +87,8 @@ class GroupedLinear(nn.Module):
             block[g, :n_in, :n_out] = True
         self.register_buffer("block", block, persistent=False)
         self.register_buffer("out_valid", block.any(dim=1), persistent=False)
+        # Layers whose groups all have the full sizes need no mask (the hidden layers).
+        self.padded = not bool(block.all())
         self.reset_parameters()
 
     @torch.no_grad()
@@ -98,6 +100,8 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, G, max_in)`` to ``(B, G, max_out)``."""
+        if not self.padded:
+            return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
         weight = self.weight * self.block
         out = torch.einsum("bgi,gio->bgo", x, weight)
         return out + self.bias * self.out_valid

@@ -24,6 +24,7 @@ def split_budget(
     present: torch.Tensor,
     mask_ratio: float,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split each sample's visible-token budget across the modalities it has.
 
@@ -37,6 +38,7 @@ def split_budget(
         present: ``(B, M)`` bool, which modalities each sample has.
         mask_ratio: Fraction of omics tokens to mask.
         generator: Random generator on ``present``'s device.
+        uniform: ``(B, M)`` draws in [0, 1) to use instead of drawing from ``generator``.
 
     Returns:
         ``(B, M)`` long visible counts; zero for absent modalities.
@@ -47,7 +49,8 @@ def split_budget(
     budget = visible_budget(capacity.sum(dim=1), mask_ratio)
 
     # Dirichlet(1, ..., 1) over the present modalities: normalised Exp(1) draws.
-    uniform = torch.rand(present.shape, generator=generator, device=device, dtype=torch.float64)
+    if uniform is None:
+        uniform = torch.rand(present.shape, generator=generator, device=device, dtype=torch.float64)
     weights = -torch.log1p(-uniform) * present
     total = weights.sum(dim=1, keepdim=True)
     shares = torch.where(total > 0, weights / total.clamp_min(1e-300), torch.zeros_like(weights))
@@ -70,7 +73,10 @@ def split_budget(
 
 
 def choose_visible(
-    counts: torch.Tensor, n_groups: int, generator: torch.Generator | None = None
+    counts: torch.Tensor,
+    n_groups: int,
+    generator: torch.Generator | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick ``counts[b]`` of ``n_groups`` tokens uniformly at random for each sample.
 
@@ -78,13 +84,37 @@ def choose_visible(
         counts: ``(B,)`` long, how many tokens to keep visible per sample.
         n_groups: Number of tokens ``G`` of the modality.
         generator: Random generator on ``counts``' device.
+        scores: ``(B, G)`` random keys to use instead of drawing from ``generator``.
+            The ``counts[b]`` tokens with the smallest keys are kept.
 
     Returns:
         ``(B, G)`` bool, True for visible tokens.
     """
-    scores = torch.rand(counts.shape[0], n_groups, generator=generator, device=counts.device)
+    if scores is None:
+        scores = torch.rand(counts.shape[0], n_groups, generator=generator, device=counts.device)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return rank < counts[:, None]
+
+
+def draws_per_sample(group_counts: Sequence[int]) -> int:
+    """Return how many uniform draws ``sample_visible`` uses per sample: ``M + sum(G_m)``."""
+    return len(group_counts) + sum(group_counts)
+
+
+def seeded_uniform(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """Draw ``(B, n)`` float64 values in [0, 1), row ``b`` seeded with ``seeds[b]``.
+
+    A row depends only on its seed, so a sample keeps its draws whichever batch or
+    process it lands in. The rows are drawn on the CPU, one small draw per sample, and
+    returned on ``seeds``' device.
+    """
+    generator = torch.Generator()
+    rows = []
+    for seed in seeds.tolist():
+        generator.manual_seed(int(seed))
+        rows.append(torch.rand(n, generator=generator, dtype=torch.float64))
+    drawn = torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.float64)
+    return drawn.to(seeds.device)
 
 
 def sample_visible(
@@ -92,12 +122,34 @@ def sample_visible(
     present: torch.Tensor,
     mask_ratio: float,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Draw the visible omics tokens of each modality for a batch.
 
-    Returns one ``(B, G_m)`` bool tensor per modality, in the order of
-    ``group_counts``; an absent modality has no visible token.
+    Args:
+        group_counts: Tokens per modality, ``(M,)``.
+        present: ``(B, M)`` bool, which modalities each sample has.
+        mask_ratio: Fraction of omics tokens to mask.
+        generator: Random generator on ``present``'s device.
+        uniform: ``(B, draws_per_sample(group_counts))`` draws in [0, 1) to use
+            instead of ``generator``: the first ``M`` columns split the budget, the next
+            ``G_1`` rank the first modality's tokens, and so on.
+
+    Returns:
+        One ``(B, G_m)`` bool tensor per modality, in the order of ``group_counts``. An
+        absent modality has no visible token.
     """
-    counts = split_budget(group_counts, present, mask_ratio, generator)
-    return [choose_visible(counts[:, m], g, generator) for m, g in enumerate(group_counts)]
+    if uniform is None:
+        counts = split_budget(group_counts, present, mask_ratio, generator)
+        return [choose_visible(counts[:, m], g, generator) for m, g in enumerate(group_counts)]
+
+    expected = (present.shape[0], draws_per_sample(group_counts))
+    if tuple(uniform.shape) != expected:
+        raise ValueError(f"uniform has shape {tuple(uniform.shape)}, expected {expected}")
+    n_modalities = len(group_counts)
+    counts = split_budget(group_counts, present, mask_ratio, uniform=uniform[:, :n_modalities])
+    keys = uniform[:, n_modalities:].split(list(group_counts), dim=1)
+    return [
+        choose_visible(counts[:, m], g, scores=keys[m]) for m, g in enumerate(group_counts)
+    ]
 

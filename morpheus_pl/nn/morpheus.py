@@ -239,6 +239,25 @@ class Morpheus(nn.Module):
                     dropout,
                 )
 
+    def compile_parts(self) -> None:
+        """Compile the tokenizers, encoder blocks and decoders with ``torch.compile``.
+
+        Parameter names do not change, so checkpoints load either way. Sequence
+        lengths vary with the masks, so the encoder and decoders are compiled for
+        dynamic shapes. A part that fails to compile runs eagerly instead (dynamo's
+        ``suppress_errors``, a process-wide setting).
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        self.slide_tokenizer.compile()
+        for tokenizer in self.tokenizers.values():
+            tokenizer.compile()
+        for block in self.blocks:
+            block.compile(dynamic=True)
+        for decoder in self.decoders.values():
+            decoder.compile(dynamic=True)
+
     def encode(
         self,
         patches: torch.Tensor,
@@ -341,6 +360,7 @@ class Morpheus(nn.Module):
         present: Mapping[str, torch.Tensor],
         mask_ratio: float,
         generator: torch.Generator | None = None,
+        uniform: torch.Tensor | None = None,
     ) -> ReconstructionOutput:
         """Mask omics tokens at random, encode, decode every modality and score.
 
@@ -353,6 +373,8 @@ class Morpheus(nn.Module):
             present: Modality name to ``(B,)`` bool, whether the sample has it.
             mask_ratio: Fraction of each sample's omics tokens to mask.
             generator: Random generator for the masks, on the batch's device.
+            uniform: ``(B, M + sum(G_m))`` per-sample draws in [0, 1) that fix the
+                masks in place of ``generator`` (see ``sample_visible``).
 
         Returns:
             Losses, predictions and masks of the pass.
@@ -369,10 +391,13 @@ class Morpheus(nn.Module):
                 has.append(torch.zeros(batch, dtype=torch.bool, device=patches.device))
         has_matrix = torch.stack(has, dim=1)
 
-        drawn = sample_visible(self.group_counts, has_matrix, mask_ratio, generator)
+        drawn = sample_visible(self.group_counts, has_matrix, mask_ratio, generator, uniform)
         visible = dict(zip(self.modalities, drawn))
         encoded = self.encode(patches, patch_mask, values, visible)
 
+        # Every tokenizer and decoder runs even when no sample of the batch has its
+        # modality, and the loss stays attached to their outputs: DDP without
+        # find_unused_parameters needs a gradient for every parameter on every process.
         losses, n_scored, predictions, targets, scored = {}, {}, {}, {}, {}
         for i, m in enumerate(self.modalities):
             index = self.tokenizers[m].index

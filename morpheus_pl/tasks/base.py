@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from morpheus_pl import batch as keys
 from morpheus_pl.checkpoints import (
@@ -22,6 +22,7 @@ from morpheus_pl.errors import InputError
 from morpheus_pl.nn import Morpheus
 from morpheus_pl.optim import adamw_warmup_cosine
 from morpheus_pl.pretraining import check_attention_sizes
+from morpheus_pl.seeding import reseed_step
 
 EVAL_STAGES = ("val", "test")
 
@@ -59,6 +60,8 @@ class DownstreamTask(pl.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
         warmup_epochs: Epochs of linear warm-up before the cosine decay.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        torch_compile: Compile the network's parts with ``torch.compile`` (see
+            ``Morpheus.compile_parts``); parts that fail to compile run eagerly.
         initialised_from: Set by the module itself: the checkpoint that ``pretrained``
             named, kept in the hyper-parameters for the record.
     """
@@ -85,6 +88,7 @@ class DownstreamTask(pl.LightningModule):
         warmup_epochs: float = 5.0,
         min_lr_ratio: float = 0.0,
         initialised_from: str | None = None,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -142,6 +146,13 @@ class DownstreamTask(pl.LightningModule):
             self.encoder.requires_grad_(False)
 
         self.eval_metrics = nn.ModuleDict({s: self.configure_metrics(target_info) for s in EVAL_STAGES})
+        # Lightning 2.6's sync_dist mean floors the batch sizes summed over processes
+        # when they hold different numbers of patients, so the evaluation loss is
+        # averaged by a MeanMetric, whose sums synchronise exactly. A NaN loss stays
+        # NaN rather than being dropped.
+        self.eval_losses = nn.ModuleDict(
+            {s: MeanMetric(nan_strategy="disable") for s in EVAL_STAGES}
+        )
 
     @staticmethod
     def check_arguments(arguments: dict[str, Any]) -> None:
@@ -190,6 +201,16 @@ class DownstreamTask(pl.LightningModule):
         modalities = self.eval_modalities if modalities is None else modalities
         return self.head(self.head_dropout(self.embed(batch, modalities)))
 
+    def configure_model(self) -> None:
+        if self.hparams.get("torch_compile") and not getattr(self, "_compiled", False):
+            self.encoder.compile_parts()
+            self._compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Masks and dropout of a step depend only on the seed, the epoch and the batch,
+        # so a resumed run continues exactly where the stopped one left off.
+        reseed_step(self.current_epoch, batch_idx, self.global_rank)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         outputs = self(batch, self.input_modalities)
         loss = self.compute_loss(outputs, batch)
@@ -201,14 +222,21 @@ class DownstreamTask(pl.LightningModule):
         outputs = self(batch, self.eval_modalities)
         loss = self.compute_loss(outputs, batch)
         size = batch[keys.PATCHES].shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=size, on_epoch=True, sync_dist=True)
+        self.eval_losses[stage].update(loss.detach().float(), size)
         self.update_metrics(self.eval_metrics[stage], outputs, batch)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        metric = self.eval_metrics[stage]
+        metric, loss = self.eval_metrics[stage], self.eval_losses[stage]
+        # compute() gathers every process's patients, so every process logs the same
+        # values, and sync_dist only stops Lightning's warning about unsynchronised
+        # epoch-level values. NCCL cannot reduce the CPU tensors the metrics return,
+        # so they move to the module's device first.
+        self.log(f"{stage}/loss", loss.compute(), sync_dist=True)
         for name, value in metric.compute().items():
-            self.log(f"{stage}/{name}", value.float(), prog_bar=True)
+            value = value.float().to(self.device)
+            self.log(f"{stage}/{name}", value, prog_bar=True, sync_dist=True)
         metric.reset()
+        loss.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
