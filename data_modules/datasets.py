@@ -13,6 +13,27 @@ from morpheus_pl import batch as keys
 from morpheus_pl.errors import InputError
 
 
+#: Integer view and exponent mask of each float type: a value is NaN or infinite
+#: exactly when all its exponent bits are set.
+EXPONENT_BITS = {
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+}
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Return whether no value is NaN or infinite.
+
+    Checks the exponent bits of float16 and float32 arrays, which is more than ten
+    times faster than ``np.isfinite`` on float16 (numpy computes float16 elementwise).
+    """
+    bits = EXPONENT_BITS.get(values.dtype)
+    if bits is None or not values.flags.c_contiguous:
+        return bool(np.isfinite(values).all())
+    view, mask = bits
+    return not bool(((values.view(view) & mask) == mask).any())
+
+
 class RowsOf:
     """Rows ``index`` of a ``(patients, features)`` tensor, looked up on access.
 
@@ -118,7 +139,7 @@ class PatientBags(Dataset):
         else:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
             patches = self._sample(slides, generator)
-        if not np.isfinite(patches).all():
+        if not all_finite(patches):
             raise InputError(
                 f"patient {patient!r}: NaN or infinite patch features in slide(s) "
                 f"{[s for s, _ in slides]} of {self.store.path}; re-extract those slides"

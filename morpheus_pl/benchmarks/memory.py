@@ -15,7 +15,7 @@ from morpheus_pl.benchmarks.common import machine
 FEATURES = {"rna": 4168, "dnam": 7150, "cnv": 6750}
 
 TRAIN = """
-import json, resource, sys
+import json, sys
 from lightning.pytorch import Trainer, seed_everything
 from data_modules import Chunks, MorpheusDataModule, OmicsModality, RandomSplit
 from morpheus_pl import MaskedOmicsPretraining
@@ -30,7 +30,10 @@ trainer = Trainer(max_steps=int(sys.argv[2]), limit_val_batches=2, num_sanity_va
                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, accelerator="cpu")
 trainer.fit(model, data)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process's own peak; ru_maxrss would start from the parent's at fork.
+with open("/proc/self/status") as status:
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 """
 
 

@@ -57,7 +57,7 @@ def part_timings(model: Morpheus, data: dict, repeats: int) -> dict[str, float]:
     }
 
 
-def run(batch: int = 32, patches: int = 1024, dim: int = 1536, repeats: int = 5, compiled: bool = False) -> dict:
+def run(batch: int = 32, patches: int = 1024, dim: int = 1536, repeats: int = 7, compiled: bool = False) -> dict:
     """Time training steps of both models and compare their outputs.
 
     Both sides use the optimiser the product configures (AdamW with the fused kernel).
@@ -82,12 +82,21 @@ def run(batch: int = 32, patches: int = 1024, dim: int = 1536, repeats: int = 5,
     )
     difference = max(difference, (results[0].embedding - results[1].embedding).abs().max().item())
 
-    timings, parts = {}, {}
+    # The two sides take turns, step by step, so that drifts of the machine's speed
+    # (other load, clock changes) fall on both alike.
+    steps = {}
     for name, model in (("fast", fast.train()), ("naive", naive.train())):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        timings[name] = median(median_seconds(training_step(model, data, optimizer), repeats))
-        timings[f"{name}_forward_backward"] = median(median_seconds(training_step(model, data, None), repeats))
-        parts[name] = part_timings(model, data, repeats)
+        steps[name] = training_step(model, data, optimizer)
+        steps[f"{name}_forward_backward"] = training_step(model, data, None)
+    times = {name: [] for name in steps}
+    for name, function in steps.items():
+        median_seconds(function, 0, warmup=2)
+    for _ in range(repeats):
+        for name, function in steps.items():
+            times[name] += median_seconds(function, 1, warmup=0)
+    timings = {name: median(values) for name, values in times.items()}
+    parts = {"fast": part_timings(fast, data, repeats), "naive": part_timings(naive, data, repeats)}
 
     out = {
         "batch": batch,
@@ -105,17 +114,36 @@ def run(batch: int = 32, patches: int = 1024, dim: int = 1536, repeats: int = 5,
         "machine": machine(),
     }
     if compiled:
-        import time
+        out.update(compiled_timings(fast, data, repeats))
+    return out
 
-        optimizer = torch.optim.AdamW(fast.parameters(), lr=1e-4, fused=True)
-        fast.compile_parts()
-        step = training_step(fast, data, optimizer)
+
+def compiled_timings(model: Morpheus, data: dict, repeats: int) -> dict[str, float]:
+    """Compile ``model``'s parts in an empty cache; time the compilation and the steps."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    # An empty inductor cache, so that the compile time is the first-run cost.
+    cache = tempfile.mkdtemp(prefix="morpheus-inductor-")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        model.compile_parts()
+        step = training_step(model, data, optimizer)
         start = time.perf_counter()
         for _ in range(3):  # compiles, then settles the dynamic-shape variants
             step()
-        out["compile_seconds"] = time.perf_counter() - start
-        out["compiled_seconds"] = median(median_seconds(step, repeats))
-    return out
+        compile_seconds = time.perf_counter() - start
+        return {"compile_seconds": compile_seconds, "compiled_seconds": median(median_seconds(step, repeats))}
+    finally:
+        if previous is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":
