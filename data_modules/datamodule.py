@@ -249,13 +249,24 @@ class MorpheusDataModule(pl.LightningDataModule):
         options = trainer.distributed_sampler_kwargs if trainer is not None else None
         if not options or options.get("num_replicas", 1) <= 1 or len(dataset) == 0:
             return None
-        if len(dataset) < options["num_replicas"]:
-            raise InputError(
-                f"the {split} split of {self.cohort} has {len(dataset)} patient(s) for "
-                f"{options['num_replicas']} processes, but every process needs at least one. "
-                f"Evaluate on at most {len(dataset)} device(s) or enlarge the split"
-            )
+        self.check_processes(options["num_replicas"], [split])
         return UnrepeatedDistributedSampler(dataset, shuffle=False, **options)
+
+    def check_processes(self, processes: int, splits: list[str]) -> None:
+        """Raise unless each of ``splits`` (if not empty) gives every process a patient.
+
+        The command line calls this before anything is written, so that a run on too
+        many devices stops without leaving a half-made run folder.
+        """
+        for split in splits:
+            size = len(self.data.indices(split))
+            if 0 < size < processes:
+                raise InputError(
+                    f"the {split} split of {self.cohort} has {size} patient(s) for "
+                    f"{processes} processes, but every process needs at least one. Evaluate "
+                    f"on at most {size} device(s) or enlarge the split (for example "
+                    "data.init_args.split.init_args.val_fraction)"
+                )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")

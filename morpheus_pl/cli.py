@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import data_modules.datamodule  # noqa: F401
 import morpheus_pl.pretraining  # noqa: F401
 import morpheus_pl.tasks  # noqa: F401
+from morpheus_pl.callbacks import RunCheckpoint
 from morpheus_pl.convert import COMMANDS as CONVERTERS
 from morpheus_pl.convert import main as run_converter
 from morpheus_pl.errors import InputError
@@ -29,6 +30,14 @@ from morpheus_pl.reconstruction import SLIDE, resolve_request
 from morpheus_pl.protocols import PROTOCOLS
 from morpheus_pl.protocols import main as run_protocol
 from morpheus_pl.report import main as run_report
+
+
+CKPT_PATH_HELP = (
+    "Checkpoint file to resume (fit) or to evaluate (validate, test, predict), or 'last': the "
+    "newest last.ckpt among the versions of the configured logger (the version of a --config "
+    "saved in a version folder). fit then continues in that version, or starts from scratch "
+    "when there is none; the other commands stop with an error."
+)
 
 
 class MorpheusCLI(LightningCLI):
@@ -46,14 +55,18 @@ class MorpheusCLI(LightningCLI):
         # Remember which subcommand is being built: only predict gets the writer options.
         self._building = subcommand
         try:
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         finally:
             self._building = None
+        for action in parser._actions:
+            if "--ckpt_path" in action.option_strings:
+                action.help = CKPT_PATH_HELP
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         if getattr(self, "_building", None) == "predict":
             parser.add_lightning_class_args(ReconstructionWriter, "prediction")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -100,8 +113,8 @@ class MorpheusCLI(LightningCLI):
         if data_args is None:
             return
 
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            resolve_last_checkpoint(config)
+        if config.get("ckpt_path") == "last":
+            resolve_last_checkpoint(config, self.subcommand)
         if self.subcommand == "fit" and not config.get("ckpt_path"):
             check_fixed_version(config)
 
@@ -116,6 +129,22 @@ class MorpheusCLI(LightningCLI):
         pretrained = model_args.get("pretrained")
         if pretrained and "features_from" in data_args and not data_args.get("features_from"):
             data_args["features_from"] = str(pretrained)
+
+    def _check_processes(self, splits: list[str]) -> None:
+        check = getattr(self.datamodule, "check_processes", None)
+        processes = self.trainer.num_devices * self.trainer.num_nodes
+        if check is not None and processes > 1:
+            check(processes, splits)
+
+    # Lightning calls these after building the classes and before the run writes anything.
+    def before_fit(self) -> None:
+        self._check_processes(["val"])
+
+    def before_validate(self) -> None:
+        self._check_processes(["val"])
+
+    def before_test(self) -> None:
+        self._check_processes(["test"])
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # The always-configured checkpoint callback must not block enable_checkpointing: false.
@@ -143,15 +172,30 @@ def run_folder(config: Any) -> tuple[Path, dict | None]:
     return root / "lightning_logs", None
 
 
-def resolve_last_checkpoint(config: Any) -> None:
+def run_config_version(config: Any, folder: Path) -> Path | None:
+    """Return the version folder that a ``--config`` file was saved in, if any.
+
+    A run's saved ``config.yaml`` (or ``config.resumed-*.yaml``) sits in its version
+    folder, so ``--config runs/x/version_3/config.yaml --ckpt_path last`` means that
+    version, not the newest one.
+    """
+    for given in config.get("config") or []:
+        path = Path(os.fspath(given) if hasattr(given, "__fspath__") else str(given)).resolve()
+        if path.parent.name.startswith("version_") and path.parent.parent == folder.resolve():
+            return path.parent
+    return None
+
+
+def resolve_last_checkpoint(config: Any, subcommand: str | None) -> None:
     """Turn ``--ckpt_path last`` into the newest ``last.ckpt`` of earlier runs.
 
     Lightning looks for ``last`` only in the folder of the run being started, which
     is a new version. Here the earlier versions of the same logger (or the configured
-    ``checkpoint.dirpath``) are searched; the newest ``last.ckpt`` is resumed and its
-    version is reused, so curves and checkpoints continue in the same folder. Without
-    any, training starts from scratch, which lets one command serve both the first
-    start and every restart of a pre-empted job.
+    ``checkpoint.dirpath``) are searched; a config file saved in a version folder
+    selects that version. ``fit`` resumes the newest ``last.ckpt`` and reuses its
+    version, so curves and checkpoints continue in the same folder; without any, it
+    starts from scratch, which lets one command serve both the first start and every
+    restart of a pre-empted job. The other commands need a checkpoint.
     """
     log = logging.getLogger("morpheus_pl")
     dirpath = (config.get("checkpoint") or {}).get("dirpath")
@@ -160,7 +204,10 @@ def resolve_last_checkpoint(config: Any) -> None:
         candidates = [Path(dirpath) / "last.ckpt"]
     else:
         version = (logger_args or {}).get("version")
-        if version is not None:
+        chosen = run_config_version(config, folder)
+        if chosen is not None:
+            candidates = [chosen / "checkpoints" / "last.ckpt"]
+        elif version is not None:
             name = version if isinstance(version, str) else f"version_{version}"
             candidates = [folder / name / "checkpoints" / "last.ckpt"]
         else:
@@ -168,12 +215,20 @@ def resolve_last_checkpoint(config: Any) -> None:
     found = [c for c in candidates if c.is_file()]
     if not found:
         where = candidates[0] if len(candidates) == 1 else folder / "version_*" / "checkpoints"
+        if subcommand != "fit":
+            raise InputError(
+                f"--ckpt_path last: no last.ckpt in {where}; pass the checkpoint file to "
+                f"{subcommand}, or point the config's logger (save_dir, name) at the run"
+            )
         log.warning("--ckpt_path last: no last.ckpt in %s; starting from scratch", where)
         config["ckpt_path"] = None
         return
     newest = max(found, key=lambda c: c.stat().st_mtime)
     config["ckpt_path"] = str(newest)
-    if not dirpath and logger_args is not None and logger_args.get("version") is None:
+    if subcommand != "fit":
+        log.info("using %s", newest)
+        return
+    if not dirpath and logger_args is not None:
         version = newest.parent.parent.name
         number = version.removeprefix("version_")
         logger_args["version"] = int(number) if number.isdigit() else version
@@ -189,7 +244,7 @@ def check_fixed_version(config: Any) -> None:
     name = version if isinstance(version, str) else f"version_{version}"
     if (folder / name / "config.yaml").exists():
         raise InputError(
-            f"{folder / name} already holds an earlier run (its config.yaml); leave "
+            f"{folder / name} already contains an earlier run (its config.yaml); leave "
             "trainer.logger.init_args.version unset to start a new version, or resume that "
             "run with --ckpt_path last"
         )
@@ -206,14 +261,14 @@ class SaveRunConfig(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        log_dir = trainer.log_dir  # a collective call: every process asks
+        log_dir = trainer.log_dir  # a collective call, so every process makes it
         if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
             if trainer.ckpt_path or self.config.get("ckpt_path"):
                 stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
                 self.config_filename = f"config.resumed-{stamp}.yaml"
             else:
                 raise InputError(
-                    f"{log_dir} already holds the config.yaml of an earlier run; resume that "
+                    f"{log_dir} already contains the config.yaml of an earlier run; resume that "
                     "run with --ckpt_path last, or write this one elsewhere (another "
                     "trainer.logger.init_args.name or save_dir, or without a logger another "
                     "trainer.default_root_dir)"

@@ -36,13 +36,18 @@ PROTOCOLS = ("cv", "fewshot", "sweep")
 
 
 def git_revision() -> str:
-    """Return the current git commit (with ``+dirty`` for local changes), or ``unknown``."""
+    """Return the package's git commit (with ``+dirty`` for local changes), or ``unknown``."""
+    # Ask in the package's own folder: the command may run anywhere.
+    here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=here,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

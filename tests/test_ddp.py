@@ -21,7 +21,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import write_config, write_task_config
+from conftest import run_cli, write_config, write_task_config
 from data_modules import KFold, MorpheusDataModule, OmicsModality
 from data_modules.groupings import Chunks, GeneSets
 from data_modules.synthetic import SyntheticCohort, write_synthetic_cohort
@@ -339,3 +339,17 @@ def test_modality_absent_on_one_rank_trains(sparse_dnam_cohort, tmp_path, task):
     losses = epoch_metrics(events_of(tmp_path / "runs"), "train/")
     assert losses
     assert torch.isfinite(torch.tensor(list(losses.values()))).all(), losses
+
+
+def test_too_many_processes_stop_before_writing(tiny_cohort, tmp_path):
+    # 40 patients with a 2.5% validation fraction leave one validation patient for two
+    # processes: the run must stop before the logger makes its folder.
+    config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=1)
+    result = run_cli(
+        "fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--data.init_args.split.init_args.val_fraction", "0.025",
+    )
+    assert result.returncode == 2
+    assert "1 patient(s) for 2 processes" in result.stderr
+    assert "val_fraction" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -59,7 +59,7 @@ def train_losses(version: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_cohort, tmp_path_factory) -> Path:
-    """The run folder of a three-epoch pre-training that nobody stopped."""
+    """The run folder of a three-epoch pre-training that ran without interruption."""
     root = tmp_path_factory.mktemp("whole")
     config = write_config(root / "c.yaml", tiny_cohort, root / "runs", max_epochs=3)
     result = run_cli("fit", "--config", str(config))
@@ -136,3 +136,46 @@ def test_rerun_fixed_version_names_option(tiny_cohort, tmp_path):
     # Without a fixed version, the same command starts a new one.
     assert run_cli("fit", "--config", str(config)).returncode == 0
     assert (tmp_path / "runs" / "tiny" / "version_1" / "config.yaml").exists()
+
+
+def test_last_checkpoint_follows_every_epoch(tiny_cohort, tmp_path):
+    # With a zero learning rate the validation loss never improves after epoch 0, so
+    # only the monitored checkpoint of epoch 0 is written; last.ckpt must still move on.
+    config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=3)
+    result = run_cli("fit", "--config", str(config), "--model.init_args.lr", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    best = [p for p in checkpoints.iterdir() if p.name != "last.ckpt"]
+    assert [p.name.startswith("epoch000") for p in best] == [True]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2
+    assert last["global_step"] == 12
+
+
+def test_saved_config_resumes_its_own_version(tiny_cohort, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=1)
+    assert run_cli("fit", "--config", str(config)).returncode == 0
+    assert run_cli("fit", "--config", str(config)).returncode == 0
+    runs = tmp_path / "runs" / "tiny"
+    older = runs / "version_0"
+
+    result = run_cli("fit", "--config", str(older / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {older / 'checkpoints' / 'last.ckpt'}" in result.stderr
+    assert torch.load(older / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_validate_last_needs_a_checkpoint(tiny_cohort, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=1)
+    missing = run_cli("validate", "--config", str(config), "--ckpt_path", "last")
+    assert missing.returncode == 2
+    assert "no last.ckpt" in missing.stderr
+    assert "pass the checkpoint file" in missing.stderr
+    assert not (tmp_path / "runs").exists()
+
+    assert run_cli("fit", "--config", str(config)).returncode == 0
+    found = run_cli("validate", "--config", str(config), "--ckpt_path", "last")
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert "using " in found.stderr
+    assert "last.ckpt" in found.stderr

@@ -46,6 +46,15 @@ def page(results: dict, command: str) -> str:
         "Each figure is the median of several runs, and each ratio compares two",
         "formulations measured side by side in the same process.",
         "",
+        *(
+            [
+                "**Quick mode**: small sizes that only check that the scripts run. These",
+                "figures say nothing about the targets; run without `--quick` to measure.",
+                "",
+            ]
+            if "--quick" in command
+            else []
+        ),
         "## Training step",
         "",
         f"Batch {s['batch']}, {s['patches']} patches of {s['dim']} dimensions, three omics",
