@@ -16,8 +16,9 @@ class RunCheckpoint(ModelCheckpoint):
     monitored checkpoint. With ``monitor`` and ``save_top_k`` set, ``last.ckpt`` would
     then stay at the best epoch, so a finished run would not contain its final weights
     and a resumed run would repeat every epoch since the best one. This callback rewrites
-    ``last.ckpt`` after every validation (or training epoch, when there is no
-    validation) that did not already write it. Everything else is ``ModelCheckpoint``.
+    ``last.ckpt`` after every validation, after every training epoch that ends without
+    one, and when training ends, unless that step already wrote it. Everything else is
+    ``ModelCheckpoint``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -29,18 +30,28 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last:
             self._last_written_step = trainer.global_step
 
-    def _refresh_last(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
-        if not self.save_last or self._should_save_on_train_epoch_end(trainer) != at_train_epoch_end:
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking:
             return
-        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING or self._last_written_step == trainer.global_step:
             return
-        if self._last_written_step != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    # Each refresh runs after the parent's hook: a save in this step, last.ckpt included,
+    # makes the parent skip its monitored checkpoint for the rest of the step.
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        self._refresh_last(trainer, at_train_epoch_end=False)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._refresh_last(trainer, at_train_epoch_end=True)
+        # An epoch without validation (check_val_every_n_epoch > 1) is recorded here.
+        every = trainer.check_val_every_n_epoch
+        validated = trainer.enable_validation and (every is None or (trainer.current_epoch + 1) % every == 0)
+        if not validated or self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)

@@ -179,3 +179,15 @@ def test_validate_last_needs_a_checkpoint(tiny_cohort, tmp_path):
     assert found.returncode == 0, found.stderr[-3000:]
     assert "using " in found.stderr
     assert "last.ckpt" in found.stderr
+
+
+def test_last_checkpoint_without_final_validation(tiny_cohort, tmp_path):
+    # Validation every second epoch of three: the last epoch ends without one.
+    config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=3)
+    result = run_cli("fit", "--config", str(config), "--trainer.check_val_every_n_epoch", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    assert [p.name[:8] for p in checkpoints.iterdir() if p.name != "last.ckpt"] == ["epoch001"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2
+    assert last["global_step"] == 12
