@@ -276,7 +276,7 @@ class MorpheusDataModule(pl.LightningDataModule):
         return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler)
 
     def current_epoch(self) -> int:
-        """The trainer's epoch, or 0 outside a trainer."""
+        """Return the trainer's epoch, or 0 outside a trainer."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:

@@ -179,8 +179,9 @@ def run_config_version(config: Any, folder: Path) -> Path | None:
     folder, so ``--config runs/x/version_3/config.yaml --ckpt_path last`` means that
     version, not the newest one.
     """
-    for given in config.get("config") or []:
-        path = Path(os.fspath(given) if hasattr(given, "__fspath__") else str(given)).resolve()
+    for config_file in config.get("config") or []:
+        name = os.fspath(config_file) if hasattr(config_file, "__fspath__") else str(config_file)
+        path = Path(name).resolve()
         if path.parent.name.startswith("version_") and path.parent.parent == folder.resolve():
             return path.parent
     return None
@@ -191,11 +192,11 @@ def resolve_last_checkpoint(config: Any, subcommand: str | None) -> None:
 
     Lightning looks for ``last`` only in the folder of the run being started, which
     is a new version. Here the earlier versions of the same logger (or the configured
-    ``checkpoint.dirpath``) are searched; a config file saved in a version folder
+    ``checkpoint.dirpath``) are searched, and a config file saved in a version folder
     selects that version. ``fit`` resumes the newest ``last.ckpt`` and reuses its
-    version, so curves and checkpoints continue in the same folder; without any, it
-    starts from scratch, which lets one command serve both the first start and every
-    restart of a pre-empted job. The other commands need a checkpoint.
+    version, so curves and checkpoints continue in the same folder. Without any, it
+    starts from scratch, so one command serves both the first start and every restart
+    of a pre-empted job. The other commands need a checkpoint.
     """
     log = logging.getLogger("morpheus_pl")
     dirpath = (config.get("checkpoint") or {}).get("dirpath")

@@ -54,8 +54,8 @@ def adamw_warmup_cosine(
     """Return Lightning's optimiser configuration: AdamW with per-step warm-up and cosine."""
     groups = adamw_param_groups(module, weight_decay)
     params = [p for group in groups for p in group["params"]]
-    # The fused kernel updates all tensors at once (about 5x faster on CPU than the
-    # per-tensor loop); it needs floating-point parameters on a CPU or CUDA device.
+    # The fused kernel updates all tensors at once, about 5x faster on CPU than the
+    # per-tensor loop (measured). It needs floating-point parameters on a CPU or CUDA device.
     fused = bool(params) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
     )

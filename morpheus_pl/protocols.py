@@ -38,16 +38,16 @@ PROTOCOLS = ("cv", "fewshot", "sweep")
 def git_revision() -> str:
     """Return the package's git commit (with ``+dirty`` for local changes), or ``unknown``."""
     # Ask in the package's own folder: the command may run anywhere.
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=package
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
-            cwd=here,
+            cwd=package,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

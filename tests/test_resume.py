@@ -140,7 +140,7 @@ def test_rerun_fixed_version_names_option(tiny_cohort, tmp_path):
 
 def test_last_checkpoint_follows_every_epoch(tiny_cohort, tmp_path):
     # With a zero learning rate the validation loss never improves after epoch 0, so
-    # only the monitored checkpoint of epoch 0 is written; last.ckpt must still move on.
+    # only epoch 0 gets a monitored checkpoint. last.ckpt must still move on.
     config = write_config(tmp_path / "c.yaml", tiny_cohort, tmp_path / "runs", max_epochs=3)
     result = run_cli("fit", "--config", str(config), "--model.init_args.lr", "0")
     assert result.returncode == 0, result.stderr[-3000:]
