@@ -164,7 +164,7 @@ def run_folder(config: Any) -> tuple[Path, dict | None]:
     logger = trainer.get("logger")
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    if isinstance(logger, dict) or hasattr(logger, "get"):
+    if hasattr(logger, "get"):  # a dict or a jsonargparse Namespace
         init_args = logger.get("init_args") or {}
         save_dir = Path(init_args.get("save_dir") or root)
         name = init_args.get("name")
